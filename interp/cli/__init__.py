@@ -1,0 +1,48 @@
+"""The ``interp`` command: a thin layer over the Python API.
+
+Each command group lives in its own module here with a ``register(subparsers)`` function; the heavy imports
+happen inside the command functions, so ``interp --help`` is fast. Errors a user can act on
+(:class:`interp.errors.InterpError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = ["capture", "store", "probe", "inlp", "steer", "sae", "detect", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interp", description="Mechanistic interpretability on stored activations.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"interp.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"interp.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from interp.errors import InterpError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Linear probes: batched logistic regression over many hooks, folds and regularisation strengths."""
