@@ -1,0 +1,194 @@
+"""capture: run a dataset through a model and stream the chosen hooks' activations into a store.
+
+Batches are padded with attention masks (padding never reaches the store), the forward stops after the last
+layer asked for, and shards are committed as they fill, so memory stays flat whatever the dataset's size. A
+capture that dies is resumed by running the same call again on the same directory.
+
+Position policies: ``all`` (every token), ``last`` (the last real token), ``mean`` (mean over real tokens,
+special tokens included), a region name from the dataset's ``regions`` (every token in it, e.g.
+``response``), or ``mean:REGION`` / ``last:REGION`` (pooled over that region).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
+from interp.errors import ConfigError, DatasetError
+from interp.model import Tokens, model_identity, resolve_hooks, tokenize
+from interp.store import ActivationStore, StoreWriter, dtype_from_name, layer_of
+
+POOLS = ("all", "last", "mean")
+
+
+def parse_positions(positions: str) -> tuple[str, str | None]:
+    """``"mean"`` -> ("mean", None); ``"response"`` -> ("all", "response"); ``"last:response"`` -> ("last", ...)."""
+    if not isinstance(positions, str) or not positions:
+        raise ConfigError(f"positions must be 'all', 'last', 'mean' or a region name, got {positions!r}")
+    if positions in POOLS:
+        return positions, None
+    if ":" in positions:
+        pool, region = positions.split(":", 1)
+        if pool not in POOLS or not region:
+            raise ConfigError(f"positions {positions!r}: use POOL:REGION with POOL one of {', '.join(POOLS)}")
+        return pool, region
+    return "all", positions
+
+
+def select_rows(
+    acts: Float[Tensor, "pos d_model"], token_mask: Tensor, pool: str
+) -> tuple[Float[Tensor, "rows d_model"], Tensor]:
+    """Rows kept for one example from its ``[pos, d]`` activations: ``(rows, positions)``.
+
+    ``token_mask`` marks the tokens the policy may use (real tokens, or a region's); ``mean`` rows get position -1.
+    """
+    idx = torch.nonzero(token_mask).flatten()
+    if pool == "all":
+        return acts[idx], idx
+    if idx.numel() == 0:
+        return acts[:0], idx
+    if pool == "last":
+        return acts[idx[-1:]], idx[-1:]
+    return acts[idx].float().mean(0, keepdim=True), torch.tensor([-1])
+
+
+def _pick_device_model(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def capture(
+    model,
+    dataset: str | os.PathLike | Dataset | Sequence[Any],
+    hooks: str | Sequence[str] = "resid_post",
+    positions: str = "all",
+    out: str | os.PathLike = "activations",
+    batch_size: int = 32,
+    dtype: str | torch.dtype = "float16",
+    layers: Sequence[int] | None = None,
+    shard_mb: float = 256,
+    max_length: int | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> ActivationStore:
+    """Capture ``hooks`` for every example of ``dataset`` into the store at ``out`` and return it opened.
+
+    Everything is checked before the store is created (hooks, layers, dtype, positions, dataset), so bad
+    input leaves nothing behind. Running the same call again on an unfinished store resumes after its last
+    committed example; on a finished one it returns the store as it is.
+    """
+    dtype_name, _ = dtype_from_name(dtype)
+    pool, region = parse_positions(positions)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    hook_names, aliases = resolve_hooks(model, hooks, layers)
+    data = load_dataset(dataset)
+    if region is not None:
+        missing = [e.id for e in data if region not in e.regions]
+        if missing:
+            raise DatasetError(
+                f"positions={positions!r} needs region {region!r} in every example; {len(missing)} lack it "
+                f"(first: id {missing[0]!r}); regions look like {{\"{region}\": [start, end]}}"
+            )
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a store directory: choose another --out path")
+    has_token_labels = data.has_spans and pool == "all"
+    ident = model_identity(model)
+    writer = StoreWriter(
+        out,
+        hooks=hook_names,
+        d_model=int(model.cfg.d_model),
+        dtype=dtype_name,
+        model=ident,
+        positions=positions,
+        hook_aliases=aliases,
+        dataset=data.provenance(),
+        shard_bytes=int(shard_mb * 2**20),
+        has_token_labels=has_token_labels,
+        resume=resume,
+    )
+    try:
+        start = writer.next_example
+        if start > len(data):
+            raise DatasetError(f"store {out} already holds {start} examples but the dataset has {len(data)}")
+        layer_ids = [layer_of(h) for h in hook_names]
+        stop_at = None if any(x is None for x in layer_ids) else max(layer_ids) + 1  # type: ignore[type-var]
+        device = _pick_device_model(model)
+        bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
+        with torch.inference_mode():
+            for b0 in range(start, len(data), batch_size):
+                batch = data.examples[b0 : b0 + batch_size]
+                toks = tokenize(model, [e.text for e in batch], max_length).to(device)
+                cache = run_hooks(model, toks, hook_names, stop_at)
+                for i, ex in enumerate(batch):
+                    _add_example(writer, ex, i, toks, cache, hook_names, pool, region, has_token_labels)
+                bar.update(len(batch))
+        bar.close()
+        writer.close(complete=True)
+    except BaseException:
+        writer.abort()
+        raise
+    return ActivationStore(out)
+
+
+def run_hooks(
+    model, toks: Tokens, hook_names: Sequence[str], stop_at_layer: int | None = None
+) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+    """One padded forward pass, returning the activations at ``hook_names`` (nothing else is kept)."""
+    cache: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook) -> None:
+        cache[hook.name] = act.detach()
+
+    fwd = [(h, save) for h in hook_names]
+    kwargs: dict[str, Any] = {"attention_mask": toks.attention_mask}
+    if stop_at_layer is not None:
+        kwargs["stop_at_layer"] = stop_at_layer
+    with model.hooks(fwd_hooks=fwd):
+        model(toks.input_ids, return_type=None, **kwargs)
+    return cache
+
+
+def _add_example(
+    writer: StoreWriter,
+    ex: Example,
+    i: int,
+    toks: Tokens,
+    cache: dict[str, Tensor],
+    hook_names: Sequence[str],
+    pool: str,
+    region: str | None,
+    has_token_labels: bool,
+) -> None:
+    n = toks.lengths[i]
+    offsets = toks.offsets[i]
+    if region is None:
+        mask = torch.ones(n, dtype=torch.bool)
+    else:
+        mask = torch.tensor(token_mask_for_region(offsets, ex.regions[region]), dtype=torch.bool)
+    acts, pos = {}, None
+    for h in hook_names:
+        acts[h], pos = select_rows(cache[h][i, :n].cpu(), mask, pool)
+    assert pos is not None
+    ids = toks.input_ids[i, :n].cpu()
+    if pool == "all":
+        token_id = ids[pos]
+    elif pool == "last":
+        token_id = ids[pos]
+    else:
+        token_id = torch.full((int(pos.numel()),), -1)
+    token_label = None
+    if has_token_labels:
+        token_label = torch.tensor(token_labels_from_spans(offsets, ex.spans), dtype=torch.int8)[pos]
+    writer.add_example(ex.to_record(), acts, pos, token_id, token_label)
