@@ -1,0 +1,57 @@
+"""``interp capture``: run a dataset through a model into an activation store."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("capture", help="capture activations of a dataset into a store")
+    p.add_argument("--model", default="minilm", help="'minilm' (bundled default), a model directory, or a HF name")
+    p.add_argument("--dataset", required=True, help="a .jsonl file or a bundled dataset: capitals, deception, entities")
+    p.add_argument("--hooks", default="resid_post", help="resid_post (every layer), a shorthand, or hook names, comma-separated")
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (e.g. 2,4,-1)")
+    p.add_argument("--positions", default="all", help="all | last | mean | REGION | mean:REGION | last:REGION")
+    p.add_argument("--out", required=True, help="store directory (created; an unfinished store there is resumed)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float16", help="store dtype: float16 | bfloat16 | float32")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--shard-mb", type=float, default=256, help="shard size in MiB")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    from interp.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: give comma-separated integers such as 0,3,-1") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from interp.capture import capture
+    from interp.model import load_model
+
+    from interp.cli.store import print_info
+
+    hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
+    layers = parse_layers(args.layers)
+    model = load_model(args.model, device=args.device)
+    store = capture(
+        model,
+        args.dataset,
+        hooks=hooks[0] if len(hooks) == 1 else hooks,
+        positions=args.positions,
+        out=args.out,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        layers=layers,
+        shard_mb=args.shard_mb,
+        progress=not args.quiet,
+    )
+    print_info(store)
+    return 0
