@@ -136,6 +136,44 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_TORCH_TO_ST = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Sequence[Tensor]], metadata: Mapping[str, str]) -> tuple[int, str]:
+    """Write a safetensors file atomically from tensors given as lists of row chunks (concatenated on disk,
+    never in memory), hashing while writing. Returns ``(bytes written, sha256)``."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, parts in tensors.items():
+        first = parts[0]
+        shape = [sum(int(p.shape[0]) for p in parts), *first.shape[1:]]
+        nbytes = sum(p.numel() * p.element_size() for p in parts)
+        header[name] = {"dtype": _TORCH_TO_ST[first.dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    h = hashlib.sha256()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for block in (struct.pack("<Q", len(raw)), raw):
+            f.write(block)
+            h.update(block)
+        for parts in tensors.values():
+            for p in parts:
+                t = p.detach().contiguous().cpu()
+                if t.dtype == torch.bfloat16:
+                    t = t.view(torch.int16)
+                mv = memoryview(t.numpy()).cast("B")
+                f.write(mv)
+                h.update(mv)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return 8 + len(raw) + offset, h.hexdigest()
+
+
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and check a safetensors header: ``({name: {dtype, shape, data_offsets}}, data_start)``.
 
@@ -432,15 +470,12 @@ class StoreWriter:
             return
         idx = len(self.manifest["shards"])
         name = f"shard-{idx:06d}.safetensors"
-        tensors = {h: torch.cat(self._buf_acts[h]) for h in self.hooks}
-        for k, parts in self._buf_meta.items():
-            if parts:
-                tensors[k] = torch.cat(parts)
-        rows = int(tensors["example_id"].shape[0])
-        from safetensors.torch import save
-
-        data = save(tensors, metadata={"format": "pt", "store_format": f"{FORMAT_NAME}/{FORMAT_VERSION}"})
-        atomic_write_bytes(self.path / name, data)
+        chunks: dict[str, list[Tensor]] = {h: self._buf_acts[h] for h in self.hooks}
+        chunks.update({k: parts for k, parts in self._buf_meta.items() if parts})
+        rows = sum(int(t.shape[0]) for t in self._buf_meta["example_id"])
+        nbytes, digest = write_safetensors(
+            self.path / name, chunks, {"format": "pt", "store_format": f"{FORMAT_NAME}/{FORMAT_VERSION}"}
+        )
         first = int(self.manifest["n_examples"])
         n_new = len(self._buf_examples)
         with open(self.path / EXAMPLES, "ab") as f:
@@ -453,8 +488,8 @@ class StoreWriter:
                 "file": name,
                 "rows": rows,
                 "examples": [first, first + n_new],
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "bytes": nbytes,
+                "sha256": digest,
             }
         )
         self.manifest["n_examples"] = first + n_new
