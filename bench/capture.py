@@ -1,0 +1,145 @@
+"""Capture and store-read benchmarks (issue 2), each a ratio measured side by side in one run.
+
+1. capture throughput (tokens/s into a float16 store, all 6 layers of the default model, positions=all)
+   divided by a bare batched forward over the same batches (tokenise + forward through the same blocks,
+   no hooks, nothing kept). Target >= 0.85.
+2. reading one hook of a store back vs a raw sequential read of the same bytes. Target >= 0.7.
+3. peak RSS of a capture at 1x and 4x the examples (fresh subprocesses). Target: within 1.2x.
+
+Run: .venv/bin/python bench/capture.py [--examples 1024] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+from interp.capture import capture
+from interp.model import load_model, tokenize
+from interp.store import ActivationStore
+
+WORDS = ("the capital of france is paris and the river runs through a city of light where people walk and talk "
+         "about history science music art and the weather on a long summer evening").split()
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(8, 48)))) for _ in range(n)]
+
+
+def bare_forward(model, data: list[str], batch_size: int) -> int:
+    tokens = 0
+    with torch.inference_mode():
+        for i in range(0, len(data), batch_size):
+            t = tokenize(model, data[i : i + batch_size])
+            model(t.input_ids, attention_mask=t.attention_mask, return_type=None, stop_at_layer=model.cfg.n_layers)
+            tokens += int(t.attention_mask.sum())
+    return tokens
+
+
+def bench_throughput(model, n: int, repeats: int, batch_size: int = 32) -> dict:
+    data = texts(n)
+    cap_t, bare_t = [], []
+    tokens = 0
+    for r in range(repeats):  # interleaved, so drift hits both equally
+        t0 = time.perf_counter()
+        tokens = bare_forward(model, data, batch_size)
+        bare_t.append(time.perf_counter() - t0)
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            capture(model, data, "resid_post", "all", Path(d) / "s", batch_size=batch_size, dtype="float16", progress=False)
+            cap_t.append(time.perf_counter() - t0)
+    bare, cap = statistics.median(bare_t), statistics.median(cap_t)
+    return {"examples": n, "tokens": tokens, "bare_tok_s": tokens / bare, "capture_tok_s": tokens / cap, "ratio": bare / cap}
+
+
+def bench_read(model, n: int, repeats: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        store = capture(model, texts(n, 1), "resid_post", "all", Path(d) / "s", dtype="float16", shard_mb=16, progress=False)
+        hook = store.hooks[3]
+        from interp.store import _read_header
+
+        spans = []
+        for sh in store.manifest["shards"]:
+            header, start = _read_header(store.path / sh["file"])
+            lo, hi = header[hook]["data_offsets"]
+            spans.append((store.path / sh["file"], start + lo, hi - lo))
+        nbytes = sum(s[2] for s in spans)
+        raw_t, store_t = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for path, off, size in spans:  # the same bytes, read sequentially into memory
+                with open(path, "rb") as f:
+                    f.seek(off)
+                    buf = bytearray(size)
+                    f.readinto(buf)
+            raw_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            x = ActivationStore(store.path).activations(hook)
+            store_t.append(time.perf_counter() - t0)
+            assert x.numel() * 2 == nbytes
+        raw, st = statistics.median(raw_t), statistics.median(store_t)
+        return {"bytes": nbytes, "shards": len(spans), "raw_MB_s": nbytes / raw / 1e6, "store_MB_s": nbytes / st / 1e6, "ratio": raw / st}
+
+
+def _child_peak_rss(n: int, shard_mb: float) -> tuple[float, int]:
+    code = (
+        "import os, sys, tempfile; os.environ['HF_HUB_OFFLINE']='1';"
+        "sys.path.insert(0, %r); from capture import texts;" % str(Path(__file__).parent)
+        + "from interp.model import load_model; from interp.capture import capture;"
+        f"m = load_model('minilm', device='cpu'); d = tempfile.mkdtemp();"
+        f"s = capture(m, texts({n}, 2), 'resid_post', 'all', d + '/s', dtype='float16', shard_mb={shard_mb}, progress=False);"
+        "print(s.info()['bytes'])"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read() if proc.stdout else ""
+    if status != 0:
+        raise RuntimeError("child capture failed")
+    return usage.ru_maxrss / 1024, int(out.strip().splitlines()[-1])  # MiB (Linux reports KiB)
+
+
+def bench_memory(n: int, shard_mb: float) -> dict:
+    rss1, bytes1 = _child_peak_rss(n, shard_mb)
+    rss4, bytes4 = _child_peak_rss(4 * n, shard_mb)
+    return {"examples_1x": n, "store_MB_1x": bytes1 / 1e6, "store_MB_4x": bytes4 / 1e6, "peak_rss_MiB_1x": rss1,
+            "peak_rss_MiB_4x": rss4, "ratio": rss4 / rss1, "shard_mb": shard_mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--examples", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mem-examples", type=int, default=1500)
+    ap.add_argument("--shard-mb", type=float, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_model("minilm", device="cpu")
+    t = bench_throughput(model, args.examples, args.repeats)
+    print(f"capture throughput: {t['capture_tok_s']:.0f} tok/s vs bare forward {t['bare_tok_s']:.0f} tok/s "
+          f"over {t['tokens']} tokens -> ratio {t['ratio']:.3f} (target >= 0.85)")
+    r = bench_read(model, args.examples, max(5, args.repeats))
+    print(f"read one hook: store {r['store_MB_s']:.0f} MB/s vs raw sequential {r['raw_MB_s']:.0f} MB/s "
+          f"({r['bytes'] / 1e6:.1f} MB in {r['shards']} shards) -> ratio {r['ratio']:.3f} (target >= 0.7)")
+    m = bench_memory(args.mem_examples, args.shard_mb)
+    print(f"peak RSS: {m['peak_rss_MiB_1x']:.0f} MiB at {m['examples_1x']} examples ({m['store_MB_1x']:.0f} MB store) vs "
+          f"{m['peak_rss_MiB_4x']:.0f} MiB at 4x ({m['store_MB_4x']:.0f} MB store), shards of {m['shard_mb']:.0f} MiB "
+          f"-> ratio {m['ratio']:.3f} (target <= 1.2)")
+    print(json.dumps({"throughput": t, "read": r, "memory": m}))
+
+
+if __name__ == "__main__":
+    main()
