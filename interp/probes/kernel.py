@@ -36,8 +36,14 @@ that hook's weights stay in L2 while its tiles stream past. Each program:
 3. loops over ``d`` again, last tile first (the tiles it read most recently, so the re-read is served from L2
    as far as possible), and adds ``r^T @ X[h, rows, dtile]`` into ``gW[h, :, dtile]`` with float32 atomics.
 
-X is therefore read once from HBM per call, plus whatever part of the re-read misses L2; weights and the
-atomic updates of ``gW`` are L2 traffic (``~2 P / BLOCK_N`` of the bytes of ``X``).
+Cost model (the issue's size: H=32, P=40, N=50,000, d=4096, bfloat16, 13.1 GB of X). HBM: X once, 3.9 ms
+per pass at an H100's 3.35 TB/s; a program's rows (``BLOCK_N * d * 2`` bytes, 1 MB) times the ~132 programs in
+flight exceed the 50 MB L2, so part of step 3's re-read comes from HBM too (reading it last tile first keeps
+the share that hits as large as it can be). L2: the weights (4 bytes per probe and column) and the ``gW``
+atomics are ``~2 P / BLOCK_N`` of X's bytes each, which is why ``BLOCK_N`` is not smaller. Tensor cores: P is
+padded to 64 and each product is done twice (the split below), 3.4 TFLOP per pass, ~3.4 ms at the H100's
+dense bfloat16 peak: at this P the pass is as much compute as memory. ``bench/kernel.py`` measures all this
+(``--sweep-tiles`` for the tile trade-offs, and a ``split=False`` diagnostic for the compute share).
 
 Precision. Tensor cores multiply 16-bit operands exactly into a float32 accumulator; X in float16/bfloat16
 is used as stored, and the float32 operands it meets (``W`` in step 1, ``r`` in step 3) are each split into
@@ -45,8 +51,8 @@ two 16-bit numbers ``hi + lo`` (``hi`` = the value rounded to the 16-bit type, `
 rounded again), costing two tensor-core products instead of one. That keeps 16 (bfloat16) or 22 (float16)
 significant bits of the float32 operand instead of 8 or 11, so logits and gradients agree with the float32
 reference computed on the same 16-bit ``X`` to about 1e-5 relative (bfloat16) / 1e-6 (float16), instead of
-1e-3. For float16, whose exponent range is narrow, ``W`` is scaled per probe and ``r`` per probe by powers
-of two (exact) so that neither the high nor the low part overflows or loses digits to underflow. X in
+1e-3. For float16, whose exponent range is narrow, ``W`` and ``r`` are scaled per probe by powers of two
+(exact) so that neither the high nor the low part overflows or loses digits to underflow. X in
 float32 uses ``tf32x3`` products (three TF32 products: float32 accuracy on tensor cores).
 
 On the GPU the only non-determinism is the order of the float32 atomic adds into ``gW`` (a few ulps from run
@@ -93,8 +99,15 @@ def loss_grad_torch(
 
 # --------------------------------------------------------------------------------------------------------
 # The Triton kernel. Written as a plain function and compiled lazily (``_kernel``) so that this module
-# imports without triton; ``tl`` is bound in the private globals the compiled copy is given.
+# imports without triton; ``tl`` is bound in the private globals the compiled copy is given. It calls only
+# Triton builtins, none of triton.language's own @jit helpers (tl.zeros, tl.sum, tl.cdiv): those are
+# decorated when triton.language is imported, so with them the interpreter would work only if
+# TRITON_INTERPRET=1 was set before that import. Without them, setting it any time before the first call works.
 # --------------------------------------------------------------------------------------------------------
+
+
+def _add(a, b):
+    return a + b
 
 
 def _fused_logistic_kernel(
@@ -118,7 +131,8 @@ def _fused_logistic_kernel(
     P_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr,  # 16-bit X: two-term split of the float32 operands
+    IS_F32: tl.constexpr,  # float32 X: tf32x3 products of float32 operands
+    SPLIT: tl.constexpr,  # 16-bit X: float32 operands as a two-term split (else rounded once)
     DOT_F32: tl.constexpr,  # upcast dot operands to float32 (the CPU interpreter cannot multiply bfloat16)
 ):
     pid_n = tl.program_id(0)
@@ -132,23 +146,25 @@ def _fused_logistic_kernel(
     w_rows = (h * P_PAD + offs_p[:, None]).to(tl.int64) * D  # [P_PAD, 1]
 
     # 1. logits of every probe for this tile of rows: zT[p, n] = W[h, p] . X[h, n]
-    acc = tl.zeros([P_PAD, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([P_PAD, BLOCK_N], 0.0, tl.float32)
     for k0 in range(0, D, BLOCK_D):
         kk = k0 + offs_k
         mk = kk < D
         x = tl.load(x_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)
         xt = tl.trans(x)  # [BLOCK_D, BLOCK_N]
         w_hi = tl.load(W_HI + w_rows + kk[None, :], mask=mk[None, :], other=0.0)  # [P_PAD, BLOCK_D]
-        if SPLIT:
-            w_lo = tl.load(W_LO + w_rows + kk[None, :], mask=mk[None, :], other=0.0)
+        if IS_F32:
+            acc = tl.dot(w_hi, xt, acc, input_precision="tf32x3")
+        else:
             if DOT_F32:
                 xt = xt.to(tl.float32)
                 w_hi = w_hi.to(tl.float32)
-                w_lo = w_lo.to(tl.float32)
             acc = tl.dot(w_hi, xt, acc)
-            acc = tl.dot(w_lo, xt, acc)
-        else:
-            acc = tl.dot(w_hi, xt, acc, input_precision="tf32x3")
+            if SPLIT:
+                w_lo = tl.load(W_LO + w_rows + kk[None, :], mask=mk[None, :], other=0.0)
+                if DOT_F32:
+                    w_lo = w_lo.to(tl.float32)
+                acc = tl.dot(w_lo, xt, acc)
 
     inv_ws = tl.load(INV_WSCALE + h * P_PAD + offs_p)
     bias = tl.load(BIAS + h * P + offs_p, mask=mask_p, other=0.0)
@@ -161,37 +177,39 @@ def _fused_logistic_kernel(
     s = tl.load(S + yn, mask=m2, other=0.0)
     e = tl.exp(-tl.abs(z))
     u = 1.0 + e
-    log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))  # log1p(e), accurate for small e
+    tiny = u == 1.0  # e below float32 resolution next to 1: log1p(e) = e
+    log1p_e = tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, u - 1.0)))  # log1p(e), accurate when small
     loss = (tl.maximum(z, 0.0) - z * y + log1p_e) * s
     r = (tl.where(z >= 0, 1.0 / u, e / u) - y) * s  # S * (sigmoid(z) - y)
     part = (h * n_tiles + pid_n) * P_PAD + offs_p
-    tl.store(LOSS_PART + part, tl.sum(loss, axis=1))
-    tl.store(GB_PART + part, tl.sum(r, axis=1))
+    tl.store(LOSS_PART + part, tl.reduce(loss, 1, _sum_combine))
+    tl.store(GB_PART + part, tl.reduce(r, 1, _sum_combine))
 
     # 3. gW[h, :, dtile] += r^T X[h, rows, dtile], last d tile first (most likely still in L2)
     rscale = tl.load(RSCALE + offs_p)
-    if SPLIT:
+    inv_rs = 1.0 / rscale
+    if not IS_F32:
         rs = r * rscale[:, None]
         r_hi = rs.to(X.dtype.element_ty)
         r_lo = (rs - r_hi.to(tl.float32)).to(X.dtype.element_ty)
         if DOT_F32:
             r_hi = r_hi.to(tl.float32)
             r_lo = r_lo.to(tl.float32)
-    inv_rs = 1.0 / rscale
     g_rows = GW + (h * P + offs_p[:, None]).to(tl.int64) * D  # [P_PAD, 1]
-    n_k = tl.cdiv(D, BLOCK_D)
+    n_k = (D + BLOCK_D - 1) // BLOCK_D
     for i in range(0, n_k):
         kk = (n_k - 1 - i) * BLOCK_D + offs_k
         mk = kk < D
         x = tl.load(x_rows + kk[None, :], mask=mask_n[:, None] & mk[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if SPLIT:
+        if IS_F32:
+            g = tl.dot(r, x, input_precision="tf32x3")
+        else:
             if DOT_F32:
                 x = x.to(tl.float32)
             g = tl.dot(r_hi, x)
-            g = tl.dot(r_lo, x, g)
+            if SPLIT:
+                g = tl.dot(r_lo, x, g)
             g = g * inv_rs[:, None]
-        else:
-            g = tl.dot(r, x, input_precision="tf32x3")
         tl.atomic_add(g_rows + kk[None, :], g, mask=mask_p[:, None] & mk[None, :], sem="relaxed")
 
 
@@ -227,13 +245,21 @@ def _kernel():
         src = _fused_logistic_kernel
         # private globals: the interpreter writes its helpers into the kernel's globals, keep them out of ours
         scope = {"tl": tl, "triton": triton, "__builtins__": builtins, "__name__": __name__}
-        fn = types.FunctionType(src.__code__, scope, src.__name__, src.__defaults__, src.__closure__)
-        fn.__qualname__ = src.__qualname__
-        fn.__module__ = src.__module__
-        fn.__annotations__ = dict(src.__annotations__)
-        fn.__doc__ = src.__doc__
-        _KERNELS[interpret] = triton.jit(fn)
+        # the combine function tl.sum uses (the interpreter reduces it with numpy); our own where it is absent
+        std_sum = getattr(tl.standard, "_sum_combine", None)
+        scope["_sum_combine"] = std_sum if std_sum is not None else triton.jit(_private_copy(_add, scope))
+        _KERNELS[interpret] = triton.jit(_private_copy(src, scope))
     return _KERNELS[interpret]
+
+
+def _private_copy(src, scope: dict):
+    """``src`` with ``scope`` as its globals."""
+    fn = types.FunctionType(src.__code__, scope, src.__name__, src.__defaults__, src.__closure__)
+    fn.__qualname__ = src.__qualname__
+    fn.__module__ = src.__module__
+    fn.__annotations__ = dict(src.__annotations__)
+    fn.__doc__ = src.__doc__
+    return fn
 
 
 def _next_pow2(n: int) -> int:
@@ -252,10 +278,13 @@ def default_config(P: int, dtype: torch.dtype, interpret: bool) -> dict[str, int
     p_pad = max(16, _next_pow2(min(P, P_GROUP)))
     if interpret:  # every program is a Python call: few, small tiles
         return {"block_n": 32, "block_d": 32, "num_warps": 4, "num_stages": 1}
-    # the [P_PAD, BLOCK_N] float32 logits stay in registers: keep them at <= 8192 values (32 KiB)
-    block_n = max(32, min(128, 8192 // p_pad))
-    block_d = 64 if dtype != torch.float32 else 32
-    return {"block_n": block_n, "block_d": block_d, "num_warps": 8 if p_pad * block_n >= 8192 else 4, "num_stages": 3}
+    # the [P_PAD, BLOCK_N] float32 logits stay in registers: at most 8192 values (4096 for float32 X, whose
+    # tiles are twice the bytes and whose products are split three ways)
+    f32 = dtype == torch.float32
+    block_n = max(32, min(128, (4096 if f32 else 8192) // p_pad))
+    block_d = 16 if f32 else 64
+    # sm_90, checked with ptxas (tests/test_kernel.py): these stay free of register spills
+    return {"block_n": block_n, "block_d": block_d, "num_warps": 8 if p_pad * block_n >= 4096 else 4, "num_stages": 3}
 
 
 def _check_inputs(X: Tensor, W: Tensor, b: Tensor, Y: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
@@ -293,11 +322,14 @@ def loss_grad_triton(
     block_d: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split: bool = True,
 ) -> tuple[Float[Tensor, "H P"], Float[Tensor, "H P d"], Float[Tensor, "H P"]]:
     """The fused Triton kernel: same inputs, outputs and semantics as :func:`loss_grad_torch`.
 
-    One launch per group of up to ``P_GROUP`` probes reads ``X`` once. The keyword options override the tile
-    sizes of :func:`default_config` (powers of two, ``block_n``/``block_d`` >= 16) for benchmarking.
+    One launch per group of up to ``P_GROUP`` probes reads ``X`` once. The keyword options are for
+    benchmarking: tile sizes overriding :func:`default_config` (powers of two, ``block_n``/``block_d`` >= 16),
+    and ``split=False``, which multiplies 16-bit ``X`` by weights and residuals rounded once to its dtype (half
+    the tensor-core work, ~1e-3 relative error: too coarse for the optimiser's stopping test).
     """
     if not _triton_available():
         raise ConfigError("backend 'triton' needs the triton package: pip install triton, or use backend='torch'")
@@ -307,6 +339,9 @@ def loss_grad_triton(
             f"the triton kernel runs on CUDA devices, not {X.device.type}: move the activations to a GPU, "
             "set TRITON_INTERPRET=1 (Triton's slow CPU interpreter, for tests) or use backend='torch'"
         )
+    for name, v in (("block_n", block_n), ("block_d", block_d)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ConfigError(f"{name}={v}: tile sizes must be powers of two >= 16 (e.g. 32, 64, 128)")
     Y, S = _check_inputs(X, W, b, Y, S)
     H, N, d = X.shape
     P = W.shape[1]
@@ -321,7 +356,7 @@ def loss_grad_triton(
     loss = torch.empty(H, P, device=dev, dtype=f32)
     gW = torch.zeros(H, P, d, device=dev, dtype=f32)
     gb = torch.empty(H, P, device=dev, dtype=f32)
-    split = X.dtype != f32
+    is_f32 = X.dtype == f32
     kernel = _kernel()
     for p0 in range(0, P, P_GROUP):
         p1 = min(P, p0 + P_GROUP)
@@ -345,20 +380,22 @@ def loss_grad_triton(
         inv_ws[:, :Pg] = 1.0 / wscale
         rs_pad = torch.ones(p_pad, device=dev, dtype=f32)
         rs_pad[:Pg] = rscale
-        if split:
-            w_hi = w_pad.to(X.dtype)
-            w_lo = (w_pad - w_hi.float()).to(X.dtype)
-        else:
+        if is_f32:
             w_hi = w_lo = w_pad
+        else:
+            w_hi = w_pad.to(X.dtype)
+            w_lo = (w_pad - w_hi.float()).to(X.dtype) if split else w_hi
         gW_g = gW if Pg == P else torch.zeros(H, Pg, d, device=dev, dtype=f32)
         loss_part = torch.empty(H, n_tiles, p_pad, device=dev, dtype=f32)
         gb_part = torch.empty(H, n_tiles, p_pad, device=dev, dtype=f32)
-        launch = dict(num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+        launch = dict(
+            num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"], enable_fp_fusion=True
+        )
         with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
             kernel[(n_tiles, H)](
                 X, w_hi, w_lo, inv_ws, b[:, p0:p1].contiguous(), Y[p0:p1], Sg, rs_pad, gW_g, loss_part, gb_part,
                 N, d, Pg, X.stride(0), X.stride(1), n_tiles,
-                P_PAD=p_pad, BLOCK_N=bn, BLOCK_D=bd, SPLIT=split,
+                P_PAD=p_pad, BLOCK_N=bn, BLOCK_D=bd, IS_F32=is_f32, SPLIT=bool(split) and not is_f32,
                 DOT_F32=bool(interpret and X.dtype == torch.bfloat16),
                 **launch,
             )  # fmt: skip
@@ -372,7 +409,8 @@ def loss_grad_triton(
 def get_loss_grad(backend: str = "auto", device: torch.device | str | None = None):
     """The ``loss_grad`` implementation for ``backend`` ("auto" | "torch" | "triton") on ``device``.
 
-    ``"auto"`` is the Triton kernel on a CUDA device when triton is installed, the torch reference otherwise.
+    ``"auto"`` is the Triton kernel on a CUDA device when triton is installed (and not in interpreter mode),
+    the torch reference otherwise.
     ``"triton"`` insists on the kernel: it needs triton and a CUDA device, or Triton's CPU interpreter
     (``TRITON_INTERPRET=1``, slow, meant for tests). ``device=None`` means torch's default device.
     """
@@ -381,8 +419,9 @@ def get_loss_grad(backend: str = "auto", device: torch.device | str | None = Non
     if backend == "torch":
         return loss_grad_torch
     dev = torch.device(device) if device is not None else torch.get_default_device()
-    if backend == "auto":
-        return loss_grad_triton if dev.type == "cuda" and _triton_available() else loss_grad_torch
+    if backend == "auto":  # never the interpreter: far too slow to be anyone's automatic choice
+        use = dev.type == "cuda" and _triton_available() and not _interpreting()
+        return loss_grad_triton if use else loss_grad_torch
     if not _triton_available():
         raise ConfigError("backend 'triton' needs the triton package: pip install triton, or use backend='torch'")
     if dev.type != "cuda" and not _interpreting():
