@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,20 +44,28 @@ def parse_positions(positions: str) -> tuple[str, str | None]:
 
 
 def select_rows(
-    acts: Float[Tensor, "pos d_model"], token_mask: Tensor, pool: str
-) -> tuple[Float[Tensor, "rows d_model"], Tensor]:
-    """Rows kept for one example from its ``[pos, d]`` activations: ``(rows, positions)``.
+    acts: Float[Tensor, "batch pos d_model"], mask: Bool[Tensor, "batch pos"], pool: str
+) -> tuple[Float[Tensor, "rows d_model"], Int[Tensor, " batch"], Int[Tensor, " rows"], Int[Tensor, " rows"]]:
+    """The rows a position policy keeps for a whole padded batch, in a few tensor ops.
 
-    ``token_mask`` marks the tokens the policy may use (real tokens, or a region's); ``mean`` rows get position -1.
+    ``mask`` marks the tokens the policy may use (real tokens, or a region's). Returns ``(rows, rows per
+    example, batch index of each row, position of each row)``; ``mean`` rows get position -1, and an example
+    with no usable token gets no row.
     """
-    idx = torch.nonzero(token_mask).flatten()
+    B, T, _ = acts.shape
+    counts_all = mask.sum(1)
     if pool == "all":
-        return acts[idx], idx
-    if idx.numel() == 0:
-        return acts[:0], idx
+        b, t = torch.nonzero(mask, as_tuple=True)
+        return acts[b, t], counts_all, b, t
+    has = counts_all > 0
+    b = torch.nonzero(has).flatten()
+    counts = has.to(torch.int64)
     if pool == "last":
-        return acts[idx[-1:]], idx[-1:]
-    return acts[idx].float().mean(0, keepdim=True), torch.tensor([-1])
+        last = (T - 1) - torch.argmax(mask.flip(1).to(torch.int8), dim=1)
+        return acts[b, last[b]], counts, b, last[b]
+    w = mask[b].to(torch.float32) / counts_all[b, None].to(torch.float32)
+    rows = torch.einsum("bt,btd->bd", w, acts[b].float())
+    return rows, counts, b, torch.full((b.numel(),), -1)
 
 
 def _pick_device_model(model) -> torch.device:
@@ -131,8 +139,7 @@ def capture(
                 batch = data.examples[b0 : b0 + batch_size]
                 toks = tokenize(model, [e.text for e in batch], max_length).to(device)
                 cache = run_hooks(model, toks, hook_names, stop_at)
-                for i, ex in enumerate(batch):
-                    _add_example(writer, ex, i, toks, cache, hook_names, pool, region, has_token_labels)
+                _add_batch(writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
                 bar.update(len(batch))
         bar.close()
         writer.close(complete=True)
@@ -160,10 +167,9 @@ def run_hooks(
     return cache
 
 
-def _add_example(
+def _add_batch(
     writer: StoreWriter,
-    ex: Example,
-    i: int,
+    batch: Sequence[Example],
     toks: Tokens,
     cache: dict[str, Tensor],
     hook_names: Sequence[str],
@@ -171,24 +177,24 @@ def _add_example(
     region: str | None,
     has_token_labels: bool,
 ) -> None:
-    n = toks.lengths[i]
-    offsets = toks.offsets[i]
-    if region is None:
-        mask = torch.ones(n, dtype=torch.bool)
-    else:
-        mask = torch.tensor(token_mask_for_region(offsets, ex.regions[region]), dtype=torch.bool)
-    acts, pos = {}, None
+    mask = toks.attention_mask.bool().cpu()
+    if region is not None:
+        mask = torch.zeros_like(mask)
+        for i, ex in enumerate(batch):
+            m = token_mask_for_region(toks.offsets[i], ex.regions[region])
+            mask[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    acts: dict[str, Tensor] = {}
     for h in hook_names:
-        acts[h], pos = select_rows(cache[h][i, :n].cpu(), mask, pool)
-    assert pos is not None
-    ids = toks.input_ids[i, :n].cpu()
-    if pool == "all":
-        token_id = ids[pos]
-    elif pool == "last":
-        token_id = ids[pos]
-    else:
-        token_id = torch.full((int(pos.numel()),), -1)
+        rows, counts, b, pos = select_rows(cache[h].cpu(), mask, pool)
+        acts[h] = rows.to(writer.dtype)
+    ids = toks.input_ids.cpu()
+    token_id = ids[b, pos] if pool != "mean" else torch.full((int(b.numel()),), -1)
     token_label = None
-    if has_token_labels:
-        token_label = torch.tensor(token_labels_from_spans(offsets, ex.spans), dtype=torch.int8)[pos]
-    writer.add_example(ex.to_record(), acts, pos, token_id, token_label)
+    if has_token_labels:  # pool == "all": rows are the masked tokens in order
+        labels = torch.full(mask.shape, -1, dtype=torch.int8)
+        for i, ex in enumerate(batch):
+            if ex.spans:
+                tl = token_labels_from_spans(toks.offsets[i], ex.spans)
+                labels[i, : len(tl)] = torch.tensor(tl, dtype=torch.int8)
+        token_label = labels[b, pos]
+    writer.add_batch([ex.to_record() for ex in batch], acts, counts, pos, token_id, token_label)

@@ -242,15 +242,25 @@ class _Shard:
             self._maps[name] = np.memmap(self.path, dtype=np_dtype, mode="r", offset=self.data_start + lo, shape=shape)
         return self._maps[name]
 
-    def read(self, name: str, index: slice | np.ndarray | None = None) -> Tensor:
-        """Copy rows of tensor ``name`` out of the map (all rows, a slice, or sorted row indices)."""
+    def array(self, name: str) -> np.ndarray:
+        """The memory map of tensor ``name`` (numpy; bfloat16 shows as uint16 bits)."""
         if name not in self.header:
             raise StoreCorruptError(f"shard {self.path.name} has no tensor {name!r}: the store is damaged")
-        arr = self._map(name)
+        return self._map(name)
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES[self.header[name]["dtype"]][1]
+
+    def read(self, name: str, index: slice | np.ndarray | None = None) -> Tensor:
+        """Copy rows of tensor ``name`` out of the map (all rows, a slice, or sorted row indices)."""
+        arr = self.array(name)
         out = np.array(arr if index is None else arr[index], copy=True)
-        t = torch.from_numpy(out)
-        torch_dtype = _ST_DTYPES[self.header[name]["dtype"]][1]
-        return t.view(torch_dtype) if t.dtype != torch_dtype else t
+        return _to_torch(out, self.torch_dtype(name))
+
+
+def _to_torch(arr: np.ndarray, dtype: torch.dtype) -> Tensor:
+    t = torch.from_numpy(arr)
+    return t.view(dtype) if t.dtype != dtype else t
 
 
 # ----------------------------------------------------------------------------------------------- lock
@@ -442,25 +452,46 @@ class StoreWriter:
         token_label: Int[Tensor, " rows"] | None = None,
     ) -> None:
         """Buffer one example (its metadata line and its rows); commits a shard when the buffer is full."""
+        self.add_batch([example], acts, torch.tensor([int(position.shape[0])]), position, token_id, token_label)
+
+    def add_batch(
+        self,
+        examples: Sequence[Mapping[str, Any]],
+        acts: Mapping[str, Float[Tensor, "rows d_model"]],
+        counts: Int[Tensor, " examples"],
+        position: Int[Tensor, " rows"],
+        token_id: Int[Tensor, " rows"],
+        token_label: Int[Tensor, " rows"] | None = None,
+    ) -> None:
+        """Buffer consecutive examples at once: ``counts[i]`` rows belong to ``examples[i]``, in order.
+
+        The batch lands in one shard (shards hold whole examples); a shard is committed once the buffer
+        reaches ``shard_bytes``.
+        """
         if self._closed:
             raise StoreError("this writer is closed")
+        counts = torch.as_tensor(counts, dtype=torch.int64)
         rows = int(position.shape[0])
+        if len(examples) != counts.numel() or int(counts.sum()) != rows:
+            raise StoreError(f"{len(examples)} examples with {int(counts.sum())} rows, but {rows} rows given")
         eid = self.next_example
         for h in self.hooks:
             a = acts[h]
-            if a.shape != (rows, self.d_model):
+            if tuple(a.shape) != (rows, self.d_model):
                 raise StoreError(f"hook {h}: expected activations [{rows}, {self.d_model}], got {list(a.shape)}")
             a = a.detach().to("cpu", self.dtype)
             self._buf_acts[h].append(a)
             self._buf_bytes += a.numel() * a.element_size()
-        self._buf_meta["example_id"].append(torch.full((rows,), eid, dtype=torch.int64))
+        ids = torch.arange(eid, eid + len(examples), dtype=torch.int64)
+        self._buf_meta["example_id"].append(torch.repeat_interleave(ids, counts))
         self._buf_meta["position"].append(position.detach().to("cpu", torch.int32))
         self._buf_meta["token_id"].append(token_id.detach().to("cpu", torch.int32))
         if self.has_token_labels:
             tl = token_label if token_label is not None else torch.full((rows,), -1)
             self._buf_meta["token_label"].append(tl.detach().to("cpu", torch.int8))
-        line = {"example_id": eid, **{k: v for k, v in example.items() if k != "example_id"}}
-        self._buf_examples.append((json.dumps(line, ensure_ascii=False) + "\n").encode())
+        for i, example in enumerate(examples):
+            line = {"example_id": eid + i, **{k: v for k, v in example.items() if k != "example_id"}}
+            self._buf_examples.append((json.dumps(line, ensure_ascii=False) + "\n").encode())
         if self._buf_bytes >= self.shard_bytes:
             self.flush()
 
@@ -697,29 +728,42 @@ class ActivationStore:
         return self._shards[i]
 
     def _read_rows(self, name: str, rows: Tensor | np.ndarray | None) -> Tensor:
+        """Rows of tensor ``name`` across shards, copied once from the memory maps into one new array."""
         n_shards = len(self.manifest["shards"])
+        if n_shards == 0:
+            return self._empty(name)
+        np_dtype, tail, dtype = self._spec(name)
         if rows is None:
-            parts = [self._shard(i).read(name) for i in range(n_shards)]
-        else:
-            rows_np = np.asarray(rows, dtype=np.int64).reshape(-1)
-            if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= len(self)):
-                raise StoreError(f"row index out of range for a store of {len(self)} rows")
-            order = np.argsort(rows_np, kind="stable")
-            sorted_rows = rows_np[order]
-            shard_of = np.searchsorted(self._bounds, sorted_rows, side="right") - 1
-            parts = []
-            for i in np.unique(shard_of):
-                local = sorted_rows[shard_of == i] - self._bounds[i]
-                lo, hi = int(local[0]), int(local[-1]) + 1
-                if hi - lo == local.size:  # contiguous: one slice
-                    parts.append(self._shard(int(i)).read(name, slice(lo, hi)))
-                else:
-                    parts.append(self._shard(int(i)).read(name, local))
-            out = torch.cat(parts) if parts else self._empty(name)
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(order.size)
-            return out[torch.from_numpy(inverse)] if not np.all(order == np.arange(order.size)) else out
-        return torch.cat(parts) if parts else self._empty(name)
+            out = np.empty((len(self), *tail), dtype=np_dtype)
+            for i in range(n_shards):
+                out[self._bounds[i] : self._bounds[i + 1]] = self._shard(i).array(name)
+            return _to_torch(out, dtype)
+        rows_np = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= len(self)):
+            raise StoreError(f"row index out of range for a store of {len(self)} rows")
+        out = np.empty((rows_np.size, *tail), dtype=np_dtype)
+        order = np.argsort(rows_np, kind="stable")
+        sorted_rows = rows_np[order]
+        shard_of = np.searchsorted(self._bounds, sorted_rows, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, sorted_rows.size]):
+            if hi_i <= lo_i:
+                continue
+            i = int(shard_of[lo_i])
+            local = sorted_rows[lo_i:hi_i] - self._bounds[i]
+            arr = self._shard(i).array(name)
+            a, b = int(local[0]), int(local[-1]) + 1
+            # contiguous runs are a slice of the map; scattered rows gather only the pages they touch
+            out[order[lo_i:hi_i]] = arr[a:b] if b - a == local.size else arr[local]
+        return _to_torch(out, dtype)
+
+    def _spec(self, name: str) -> tuple[np.dtype, tuple[int, ...], torch.dtype]:
+        """numpy dtype, per-row shape and torch dtype of a stored tensor, from the manifest alone."""
+        if name in self.hooks:
+            st = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[self.dtype_name]
+            return _ST_DTYPES[st][0], (self.d_model,), self.dtype
+        st = {"example_id": "I64", "token_label": "I8"}.get(name, "I32")
+        return _ST_DTYPES[st][0], (), _ST_DTYPES[st][1]
 
     def _empty(self, name: str) -> Tensor:
         if name in self.hooks:
