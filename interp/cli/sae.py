@@ -1,0 +1,127 @@
+"""``interp sae train|eval|compare``: train a TopK SAE on a store, measure one, compare it with probes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sae", help="sparse autoencoders: train on a store, evaluate, compare with probes")
+    s = p.add_subparsers(dest="sae_command", metavar="ACTION")
+    s.required = True
+
+    t = s.add_parser("train", help="train a TopK SAE on one hook of a store (SAELens layout, resumable)")
+    t.add_argument("store", help="activation store directory")
+    t.add_argument("--hook", required=True, help="hook name (aliases accepted) or layer index")
+    t.add_argument("--d-sae", type=int, required=True, help="number of latents")
+    t.add_argument("--k", type=int, required=True, help="active latents per row (TopK)")
+    t.add_argument("--out", required=True, help="output directory: cfg.json, sae_weights.safetensors, checkpoints/")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: from --tokens)")
+    t.add_argument("--tokens", type=int, default=None, help="rows to train on, repeating the store (default 2M)")
+    t.add_argument("--batch-size", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384))")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--device", default="cpu", help="cpu | cuda")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=run_train)
+
+    e = s.add_parser("eval", help="reconstruction metrics of an SAE over a store: MSE, FVE, L0, dead latents")
+    e.add_argument("sae", help="SAE directory (SAELens or EleutherAI layout)")
+    e.add_argument("store", help="activation store directory")
+    e.add_argument("--hook", default=None, help="store hook to read (default: the SAE's hook_name)")
+    e.add_argument("--batch-size", type=int, default=8192)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=run_eval)
+
+    c = s.add_parser("compare", help="dense probe vs diff-in-means vs best SAE latent vs sparse probes on a label")
+    c.add_argument("sae", help="SAE directory (SAELens or EleutherAI layout)")
+    c.add_argument("store", help="activation store directory")
+    c.add_argument("--label", default="label", help="binary example field, or token_label")
+    c.add_argument("--hook", default=None, help="store hook to read (default: the SAE's hook_name)")
+    c.add_argument("--ks", default="1,2,4,8,16", help="sparse-probe sizes, comma-separated")
+    c.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic probes")
+    c.add_argument("--test-size", type=float, default=0.25)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--out", default=None, help="directory to save comparison.json + latents.safetensors")
+    c.add_argument("--html", default=None, help="write the plotly figure to this .html file")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_compare)
+
+
+def _hook(text: str | None) -> str | int | None:
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from interp.sae import train_topk_sae
+
+    sae = train_topk_sae(
+        args.store,
+        _hook(args.hook),
+        args.d_sae,
+        args.k,
+        out_dir=args.out,
+        n_steps=args.steps,
+        n_tokens=args.tokens,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    history = getattr(sae, "history_", [])
+    last = f", final normalised MSE {history[-1]['fvu']:.4f}" if history else ""
+    print(f"saved {sae} to {args.out}{last}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from interp.sae import SAE, evaluate
+
+    sae = SAE.load(args.sae, device=args.device)
+    metrics = evaluate(sae, args.store, _hook(args.hook), batch_size=args.batch_size, progress=not args.quiet)
+    print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from interp.errors import ConfigError
+    from interp.sae import SAE, compare
+
+    try:
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--ks {args.ks!r}: give comma-separated integers such as 1,2,4,8,16") from None
+    sae = SAE.load(args.sae, device=args.device)
+    result = compare(
+        args.store,
+        _hook(args.hook),
+        args.label,
+        sae,
+        ks=ks,
+        C=args.C,
+        test_size=args.test_size,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(result.table.to_dict(orient="records"), indent=2))
+    else:
+        print(result)
+    if args.out:
+        print(f"saved to {result.save(args.out)}")
+    if args.html:
+        result.plot().write_html(args.html, include_plotlyjs=True)
+        print(f"figure written to {args.html}")
+    return 0
