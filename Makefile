@@ -7,6 +7,8 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# torch threads that spin while waiting slow everything down when tests run subprocesses side by side
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test setup bench clean
 

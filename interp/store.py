@@ -896,10 +896,10 @@ class ActivationStore:
             yield Batch(
                 acts={h: self._read_rows(h, idx) for h in names},
                 rows=idx,
-                example_id=self.example_ids()[idx],
-                position=self.token_positions()[idx],
-                token_id=self.token_ids()[idx],
-                token_label=self.token_labels()[idx] if has_tl else None,
+                example_id=self.example_ids().index_select(0, idx),
+                position=self.token_positions().index_select(0, idx),
+                token_id=self.token_ids().index_select(0, idx),
+                token_label=self.token_labels().index_select(0, idx) if has_tl else None,
             )
 
     # ---- summaries and checks
