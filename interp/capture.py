@@ -22,9 +22,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
-from interp.errors import ConfigError, DatasetError
+from interp.errors import ConfigError, DatasetError, HookError
 from interp.model import Tokens, model_identity, resolve_hooks, tokenize
-from interp.store import ActivationStore, StoreWriter, dtype_from_name, layer_of
+from interp.store import ActivationStore, StoreWriter, dtype_from_name
 
 POOLS = ("all", "last", "mean")
 
@@ -130,15 +130,13 @@ def capture(
         start = writer.next_example
         if start > len(data):
             raise DatasetError(f"store {out} already holds {start} examples but the dataset has {len(data)}")
-        layer_ids = [layer_of(h) for h in hook_names]
-        stop_at = None if any(x is None for x in layer_ids) else max(layer_ids) + 1  # type: ignore[type-var]
         device = _pick_device_model(model)
         bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
         with torch.inference_mode():
             for b0 in range(start, len(data), batch_size):
                 batch = data.examples[b0 : b0 + batch_size]
                 toks = tokenize(model, [e.text for e in batch], max_length).to(device)
-                cache = run_hooks(model, toks, hook_names, stop_at)
+                cache = run_hooks(model, toks, hook_names)
                 _add_batch(writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
                 bar.update(len(batch))
         bar.close()
@@ -149,21 +147,36 @@ def capture(
     return ActivationStore(out)
 
 
+class StopForward(Exception):
+    """Raised from the deepest hook once every activation asked for is in hand: the rest of the forward
+    (later blocks, the unembedding or MLM head) is skipped. TransformerLens's ``stop_at_layer`` is not used
+    because it does not stop every architecture (BERT runs to the end)."""
+
+
 def run_hooks(
-    model, toks: Tokens, hook_names: Sequence[str], stop_at_layer: int | None = None
+    model, toks: Tokens, hook_names: Sequence[str], stop_early: bool = True
 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
-    """One padded forward pass, returning the activations at ``hook_names`` (nothing else is kept)."""
+    """One padded forward pass, returning the activations at ``hook_names`` (nothing else is kept).
+
+    With ``stop_early`` the forward ends as soon as the last of them has fired.
+    """
     cache: dict[str, Tensor] = {}
+    wanted = len(set(hook_names))
 
     def save(act: Tensor, hook) -> None:
         cache[hook.name] = act.detach()
+        if stop_early and len(cache) == wanted:
+            raise StopForward
 
     fwd = [(h, save) for h in hook_names]
-    kwargs: dict[str, Any] = {"attention_mask": toks.attention_mask}
-    if stop_at_layer is not None:
-        kwargs["stop_at_layer"] = stop_at_layer
-    with model.hooks(fwd_hooks=fwd):
-        model(toks.input_ids, return_type=None, **kwargs)
+    try:
+        with model.hooks(fwd_hooks=fwd):
+            model(toks.input_ids, attention_mask=toks.attention_mask, return_type=None)
+    except StopForward:
+        pass
+    missing = [h for h in hook_names if h not in cache]
+    if missing:
+        raise HookError(f"hooks {missing} never fired in the forward pass; this architecture does not run them")
     return cache
 
 

@@ -248,6 +248,23 @@ class _Shard:
             raise StoreCorruptError(f"shard {self.path.name} has no tensor {name!r}: the store is damaged")
         return self._map(name)
 
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read the whole tensor ``name`` into ``out`` (C-contiguous, right size) with plain sequential reads."""
+        if name not in self.header:
+            raise StoreCorruptError(f"shard {self.path.name} has no tensor {name!r}: the store is damaged")
+        lo, hi = self.header[name]["data_offsets"]
+        view = memoryview(out).cast("B")
+        if view.nbytes != hi - lo:
+            raise StoreCorruptError(f"shard {self.path.name}: tensor {name!r} is not the size the manifest says")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_start + lo)
+            got = 0
+            while got < view.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise StoreCorruptError(f"shard {self.path.name} ended early; run `interp store verify`")
+                got += n
+
     def torch_dtype(self, name: str) -> torch.dtype:
         return _ST_DTYPES[self.header[name]["dtype"]][1]
 
@@ -735,8 +752,8 @@ class ActivationStore:
         np_dtype, tail, dtype = self._spec(name)
         if rows is None:
             out = np.empty((len(self), *tail), dtype=np_dtype)
-            for i in range(n_shards):
-                out[self._bounds[i] : self._bounds[i + 1]] = self._shard(i).array(name)
+            for i in range(n_shards):  # whole tensors: one sequential read each, straight into place
+                self._shard(i).read_into(name, out[self._bounds[i] : self._bounds[i + 1]])
             return _to_torch(out, dtype)
         rows_np = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= len(self)):
