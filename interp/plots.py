@@ -185,7 +185,7 @@ def steering_curve(table, metrics=None, title: str = "steering sweep") -> go.Fig
     return fig
 
 
-# ---------------------------------------------------------------------------------------------- probes, directions, INLP
+#--------------------------------------------------------------------------------------------- probes, directions, INLP
 
 
 def probe_sweep_figure(frame, title: str = "probe sweep") -> go.Figure:
