@@ -1056,7 +1056,7 @@ class SweepResult:
         rows = json.loads(self.table.to_json(orient="records"))
         atomic_write_json(path / "sweep.json", {"format": "interp.sweep", "version": 1, "config": self.config,
                                                 "rows": rows})
-        atomic_write_bytes(path / "sweep.html", self.figure.to_html(include_plotlyjs="cdn").encode())
+        atomic_write_bytes(path / "sweep.html", self.figure.to_html(include_plotlyjs=True).encode())
         return path
 
 

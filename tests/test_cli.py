@@ -65,3 +65,10 @@ def test_errors_are_one_line_without_traceback(tmp_path, args, pattern):
     assert "Traceback" not in r.stderr and pattern in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "X").exists()
+
+
+def test_public_api_names_resolve():
+    import interp
+
+    for name in interp.__all__:
+        assert getattr(interp, name) is not None, name
