@@ -43,6 +43,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.artifacts import jsonable as _jsonable
+from interp.artifacts import load_json
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DetectorError, HookError, InterpError, StoreError, close_matches
 from interp.store import ActivationStore, atomic_write_bytes, atomic_write_json, static_canonical
@@ -122,19 +124,6 @@ def _metrics(scores: Tensor, y: Tensor, threshold: float | None) -> dict[str, fl
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _jsonable(obj: Any) -> Any:
-    """NaN -> None, tensors/numpy scalars -> Python numbers, recursively (so JSON files stay valid JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _model_device(model) -> torch.device:
@@ -843,16 +832,7 @@ class Detector:
                 raise DetectorError(
                     f"detector directory {directory} is missing {name}; it is incomplete: save the detector again"
                 )
-        try:
-            config = json.loads((directory / CONFIG_FILE).read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DetectorError(f"{directory / CONFIG_FILE} is not valid JSON ({e}); save the detector again") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-            raise DetectorError(f"{directory / CONFIG_FILE} is not an interp detector file")
-        if config.get("version") != FORMAT_VERSION:
-            raise DetectorError(
-                f"{directory} is detector format version {config.get('version')}; this interp reads {FORMAT_VERSION}"
-            )
+        config = load_json(directory / CONFIG_FILE, FORMAT_NAME, FORMAT_VERSION, "detector", DetectorError)
         raw = (directory / TENSORS_FILE).read_bytes()
         expected = config.get("tensors_sha256")
         if expected and hashlib.sha256(raw).hexdigest() != expected:

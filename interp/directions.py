@@ -23,19 +23,21 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.artifacts import jsonable as _jsonable
+from interp.artifacts import load_json as _load_json
+from interp.artifacts import load_tensors as _load_tensors
+from interp.artifacts import save_tensors as _save_tensors
 from interp.errors import AnalysisError, ConfigError, HookError
 from interp.probes.linear import (
     FORMAT_VERSION,
-    _jsonable,
-    _load_json,
-    _load_tensors,
     _open,
-    _save_tensors,
-    auroc as _auroc,
     binary_metrics,
     check_finite,
     labelled_rows,
     store_provenance,
+)
+from interp.probes.linear import (
+    auroc as _auroc,
 )
 from interp.store import ActivationStore, atomic_write_json, layer_of
 
@@ -212,7 +214,7 @@ class Direction:
     def load(cls, directory: str | os.PathLike) -> Direction:
         """Read a direction written by :meth:`save` (safetensors + JSON only)."""
         d = Path(directory)
-        meta = _load_json(d / "direction.json", DIRECTION_FORMAT, "direction")
+        meta = _load_json(d / "direction.json", DIRECTION_FORMAT, FORMAT_VERSION, "direction")
         tensors = _load_tensors(d / "direction.safetensors", "direction")
         if "vector" not in tensors:
             raise AnalysisError(f"{d / 'direction.safetensors'} has no 'vector' tensor; save the direction again")

@@ -28,20 +28,20 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.artifacts import jsonable as _jsonable
+from interp.artifacts import load_json as _load_json
+from interp.artifacts import load_tensors as _load_tensors
+from interp.artifacts import save_tensors as _save_tensors
 from interp.errors import AnalysisError, ConfigError
 from interp.probes.linear import (
     FORMAT_VERSION,
-    _jsonable,
-    _load_json,
-    _load_tensors,
     _open,
     _resolve_device,
-    _save_tensors,
     check_finite,
-    use_preconditioner,
     labelled_rows,
     split_rows,
     store_provenance,
+    use_preconditioner,
 )
 from interp.probes.solver import column_stats, effective_weights, feature_covariance, fit_logistic, linear_scores
 from interp.store import ActivationStore, StoreWriter, atomic_write_json, layer_of
@@ -237,7 +237,7 @@ class INLPResult:
     def load(cls, directory: str | os.PathLike) -> INLPResult:
         """Read a result written by :meth:`save` (safetensors + JSON only)."""
         d = Path(directory)
-        meta = _load_json(d / "inlp.json", INLP_FORMAT, "INLP result")
+        meta = _load_json(d / "inlp.json", INLP_FORMAT, FORMAT_VERSION, "INLP result")
         t = _load_tensors(d / "inlp.safetensors", "INLP result")
         missing = {"directions", "projection", "mean"} - set(t)
         if missing:

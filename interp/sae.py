@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from interp.artifacts import jsonable as _jsonable
 from interp.errors import AnalysisError, ConfigError, HookError, SAEError
 from interp.store import ActivationStore, atomic_write_bytes, atomic_write_json
 
@@ -385,18 +386,6 @@ class SAE(nn.Module):
 
 
 # ================================================================================================ loading
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 def _read_cfg(path: Path) -> dict[str, Any]:

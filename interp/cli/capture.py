@@ -34,9 +34,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 def run(args: argparse.Namespace) -> int:
     from interp.capture import capture
-    from interp.model import load_model
-
     from interp.cli.store import print_info
+    from interp.model import load_model
 
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
     layers = parse_layers(args.layers)

@@ -27,6 +27,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.artifacts import jsonable as _jsonable
+from interp.artifacts import load_json as _load_json
+from interp.artifacts import load_tensors as _load_tensors
+from interp.artifacts import save_tensors as _save_tensors
 from interp.errors import AnalysisError, ConfigError, InterpError
 from interp.probes.solver import (
     column_stats,
@@ -142,53 +146,6 @@ def store_provenance(store: ActivationStore, **extra: Any) -> dict[str, Any]:
 
 def _open(store: ActivationStore | str | os.PathLike) -> ActivationStore:
     return store if isinstance(store, ActivationStore) else ActivationStore(store)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
-
-    from interp.store import atomic_write_bytes
-
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
-
-
-def _load_tensors(path: Path, what: str) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.exists():
-        raise InterpError(f"{path} is missing: {path.parent} is not a saved {what}")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for damaged files
-        raise InterpError(f"{path} is damaged ({e}); save the {what} again") from None
-
-
-def _load_json(path: Path, fmt: str, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise InterpError(f"{path} is missing: {path.parent} is not a saved {what}")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InterpError(f"{path} is damaged ({e}); save the {what} again") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        fmt_found = meta.get("format") if isinstance(meta, dict) else "?"
-        raise InterpError(f"{path} is not a saved {what} (format {fmt_found})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise InterpError(f"{path} is {what} format version {meta.get('version')}; this interp reads {FORMAT_VERSION}")
-    return meta
 
 
 def use_preconditioner(setting: bool | str, H: int, d: int, n_rows: int, n_groups: int, device: torch.device) -> bool:
@@ -448,7 +405,7 @@ class LinearProbe:
     def load(cls, directory: str | os.PathLike) -> LinearProbe:
         """Read a probe written by :meth:`save` (safetensors + JSON only)."""
         d = Path(directory)
-        meta = _load_json(d / "probe.json", PROBE_FORMAT, "probe")
+        meta = _load_json(d / "probe.json", PROBE_FORMAT, FORMAT_VERSION, "probe")
         return cls._from_parts(_load_tensors(d / "probe.safetensors", "probe"), meta)
 
 
@@ -559,7 +516,7 @@ class ProbeSweep:
     def load(cls, directory: str | os.PathLike) -> ProbeSweep:
         """Read a sweep written by :meth:`save`."""
         d = Path(directory)
-        meta = _load_json(d / "sweep.json", SWEEP_FORMAT, "probe sweep")
+        meta = _load_json(d / "sweep.json", SWEEP_FORMAT, FORMAT_VERSION, "probe sweep")
         tensors = _load_tensors(d / "probes.safetensors", "probe sweep")
         probes = {h: LinearProbe._from_parts(tensors, m, prefix=f"{h}/") for h, m in meta["probes"].items()}
 
