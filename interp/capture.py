@@ -128,8 +128,7 @@ def capture(
     )
     try:
         start = writer.next_example
-        if start > len(data):
-            raise DatasetError(f"store {out} already holds {start} examples but the dataset has {len(data)}")
+        _check_same_dataset(out, data, start)
         device = _pick_device_model(model)
         bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
         with torch.inference_mode():
@@ -151,6 +150,21 @@ class StopForward(Exception):
     """Raised from the deepest hook once every activation asked for is in hand: the rest of the forward
     (later blocks, the unembedding or MLM head) is skipped. TransformerLens's ``stop_at_layer`` is not used
     because it does not stop every architecture (BERT runs to the end)."""
+
+
+def _check_same_dataset(out: Path, data: Dataset, committed: int) -> None:
+    """Resuming must continue the same dataset: its size and the committed examples' texts must match."""
+    if committed == 0:
+        return
+    if committed > len(data):
+        raise DatasetError(f"store {out} already holds {committed} examples but the dataset has {len(data)}")
+    done = ActivationStore(out).examples()
+    for i in sorted({0, committed // 2, committed - 1}):
+        if done[i].get("text") != data[i].text:
+            raise DatasetError(
+                f"store {out} holds a capture of another dataset (example {i} differs); resume with the same"
+                " dataset or choose a new --out path"
+            )
 
 
 def run_hooks(

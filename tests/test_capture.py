@@ -174,3 +174,15 @@ def test_unknown_model_path(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_resume_with_another_dataset_is_refused(minilm, tmp_path):
+    rows = [{"text": f"sentence {i}", "label": i % 2} for i in range(6)]
+    capture(minilm, rows, "resid_post", "mean", tmp_path / "s", layers=[0], progress=False)
+    other = [{"text": f"another {i}", "label": i % 2} for i in range(6)]
+    with pytest.raises(DatasetError, match="another dataset"):
+        capture(minilm, other, "resid_post", "mean", tmp_path / "s", layers=[0], progress=False)
+    with pytest.raises(DatasetError, match="already holds 6 examples"):
+        capture(minilm, rows[:3], "resid_post", "mean", tmp_path / "s", layers=[0], progress=False)
+    again = capture(minilm, rows, "resid_post", "mean", tmp_path / "s", layers=[0], progress=False)
+    assert again.n_examples == 6 and again.complete and again.verify().ok
