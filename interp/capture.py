@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DatasetError, HookError
-from interp.model import Tokens, model_identity, resolve_hooks, tokenize
+from interp.model import Tokens, model_device, model_identity, resolve_hooks, tokenize
 from interp.store import ActivationStore, StoreWriter, dtype_from_name
 
 POOLS = ("all", "last", "mean")
@@ -66,13 +66,6 @@ def select_rows(
     w = mask[b].to(torch.float32) / counts_all[b, None].to(torch.float32)
     rows = torch.einsum("bt,btd->bd", w, acts[b].float())
     return rows, counts, b, torch.full((b.numel(),), -1)
-
-
-def _pick_device_model(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def capture(
@@ -129,7 +122,7 @@ def capture(
     try:
         start = writer.next_example
         _check_same_dataset(out, data, start)
-        device = _pick_device_model(model)
+        device = model_device(model)
         bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
         with torch.inference_mode():
             for b0 in range(start, len(data), batch_size):
@@ -167,6 +160,14 @@ def _check_same_dataset(out: Path, data: Dataset, committed: int) -> None:
             )
 
 
+def forward_to_stop(model, input_ids: Tensor, **kwargs: Any) -> None:
+    """A forward pass (``return_type=None``) that any hook may end early by raising :class:`StopForward`."""
+    try:
+        model(input_ids, return_type=None, **kwargs)
+    except StopForward:
+        pass
+
+
 def run_hooks(
     model, toks: Tokens, hook_names: Sequence[str], stop_early: bool = True
 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
@@ -182,12 +183,8 @@ def run_hooks(
         if stop_early and len(cache) == wanted:
             raise StopForward
 
-    fwd = [(h, save) for h in hook_names]
-    try:
-        with model.hooks(fwd_hooks=fwd):
-            model(toks.input_ids, attention_mask=toks.attention_mask, return_type=None)
-    except StopForward:
-        pass
+    with model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
+        forward_to_stop(model, toks.input_ids, attention_mask=toks.attention_mask)
     missing = [h for h in hook_names if h not in cache]
     if missing:
         raise HookError(f"hooks {missing} never fired in the forward pass; this architecture does not run them")

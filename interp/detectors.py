@@ -45,8 +45,10 @@ from tqdm.auto import tqdm
 
 from interp.artifacts import jsonable as _jsonable
 from interp.artifacts import load_json
+from interp.capture import StopForward, forward_to_stop
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DetectorError, HookError, InterpError, StoreError, close_matches
+from interp.model import model_device
 from interp.store import ActivationStore, atomic_write_bytes, atomic_write_json, static_canonical
 
 FORMAT_NAME = "interp.detector"
@@ -126,28 +128,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-class _HookReached(Exception):
-    """Raised by a detector's hook once it has what it needs, to end the forward pass right there.
-
-    TransformerBridge's ``stop_at_layer`` does not stop every architecture (BERT's blocks are not matched by
-    its layer-name pattern, so all layers run) and never skips the final norm and unembedding; raising from
-    the hook stops any architecture right after the hook's module, and the caller catches it.
-    """
-
-
 def _run_to_hook(model, input_ids: Tensor, out: dict[str, Tensor], **kwargs: Any) -> None:
-    """One forward that ends at the detector's hook (which stores its scores in ``out`` and raises)."""
-    try:
-        model(input_ids, return_type=None, **kwargs)
-    except _HookReached:
-        pass
+    """One forward that ends at the detector's hook (which stores its scores in ``out`` and raises
+    :class:`~interp.capture.StopForward`: ``stop_at_layer`` does not stop every architecture)."""
+    forward_to_stop(model, input_ids, **kwargs)
     if "scores" not in out:
         raise DetectorError("the detector's hook did not fire during the forward pass; the model does not run it")
 
@@ -963,7 +947,7 @@ class Detector:
         mask = self.mask_ if mask is None else mask
         if not isinstance(mask, str) and (isinstance(mask, (list, tuple)) and len(mask) != n):
             raise DetectorError(f"mask has {len(mask)} entries for {n} texts; give one character range per text")
-        device = _model_device(model)
+        device = model_device(model)
         w = self.weight_.to(device)
         b = float(self.bias_)
         if examples is not None:
@@ -978,7 +962,7 @@ class Detector:
 
         def grab(act: Tensor, hook) -> None:
             out["scores"] = act.float() @ w + b
-            raise _HookReached  # nothing after the hook is needed
+            raise StopForward  # nothing after the hook is needed
 
         tok = model.tokenizer
         with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, grab)]):
@@ -1209,7 +1193,7 @@ class Detector:
                 f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of "
                 f"{limit} tokens; lower max_new_tokens"
             )
-        device = _model_device(model)
+        device = model_device(model)
         ids = toks.input_ids[:, :n_prompt].to(device)
         w = self.weight_.to(device)
         b = float(self.bias_)
@@ -1221,7 +1205,7 @@ class Detector:
         def grab(act: Tensor, hook) -> None:
             out["scores"] = act[0].float() @ w + b
             if final[0]:
-                raise _HookReached  # the last token: its score is all that is left to compute
+                raise StopForward  # the last token: its score is all that is left to compute
 
         new_ids: list[int] = []
         new_scores: list[float] = []

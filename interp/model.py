@@ -61,6 +61,14 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, str]:
     return name, name
 
 
+def model_device(model) -> torch.device:
+    """The device a model's parameters live on (CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 
 from interp.capture import run_hooks
 from interp.errors import ConfigError, SteeringError, close_matches
-from interp.model import canonical_hook, is_encoder, model_identity, tokenize
+from interp.model import canonical_hook, is_encoder, model_device, model_identity, tokenize
 from interp.store import atomic_write_bytes, atomic_write_json
 
 OPS = ("add", "ablate", "clamp")
@@ -488,7 +488,7 @@ def _pooled(model, prompts: Sequence[str], hook: str, positions: str, batch_size
     out = []
     with torch.inference_mode():
         for b0 in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-            toks = tokenize(model, prompts[b0 : b0 + batch_size]).to(_device(model))
+            toks = tokenize(model, prompts[b0 : b0 + batch_size]).to(model_device(model))
             acts = run_hooks(model, toks, [hook])[hook]
             for i, n in enumerate(toks.lengths):
                 a = acts[i, :n].cpu()
@@ -571,13 +571,6 @@ def steering_vector(
 
 
 # ----------------------------------------------------------------------------------------------- generation
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @dataclass
@@ -753,7 +746,7 @@ def generate(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     target = _projection_target(project, steering, model)
-    device = _device(model)
+    device = model_device(model)
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     parts = []
@@ -978,7 +971,7 @@ class probe_score(Metric):  # noqa: N801
         hook = canonical_hook(model, hook)
         seqs, L = gen.sequences(), gen.prompt_lengths
         scores: list[float] = []
-        device = _device(model)
+        device = model_device(model)
         with torch.inference_mode():
             for b0 in range(0, len(seqs), self.batch_size):
                 chunk = seqs[b0 : b0 + self.batch_size]
