@@ -221,7 +221,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 class _Shard:
-    """One memory-mapped shard: named tensors as numpy memmaps, viewed as torch tensors on demand."""
+    """One shard: its checked header, whole-tensor sequential reads, and numpy memory maps for row gathers."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -265,14 +265,6 @@ class _Shard:
                     raise StoreCorruptError(f"shard {self.path.name} ended early; run `interp store verify`")
                 got += n
 
-    def torch_dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self.header[name]["dtype"]][1]
-
-    def read(self, name: str, index: slice | np.ndarray | None = None) -> Tensor:
-        """Copy rows of tensor ``name`` out of the map (all rows, a slice, or sorted row indices)."""
-        arr = self.array(name)
-        out = np.array(arr if index is None else arr[index], copy=True)
-        return _to_torch(out, self.torch_dtype(name))
 
 
 def _to_torch(arr: np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -1050,18 +1042,25 @@ class ActivationStore:
             has_token_labels=token_label is not None,
             resume=False,
         )
+        counts = torch.bincount(example_id, minlength=len(examples)) if n else torch.zeros(len(examples), dtype=torch.int64)
+        ends = torch.cumsum(counts, 0)
+        row_bytes = len(hooks) * d * writer.dtype.itemsize
+        rows_per_chunk = max(1, writer.shard_bytes // max(1, row_bytes))  # a chunk never outgrows a shard
+        labels_t = None if token_label is None else torch.as_tensor(token_label)
         with writer:
-            counts = torch.bincount(example_id, minlength=len(examples)) if n else torch.zeros(len(examples))
-            start = 0
-            for e, ex in enumerate(examples):
-                stop = start + int(counts[e])
-                sl = slice(start, stop)
-                writer.add_example(
-                    ex,
+            e0 = 0
+            while e0 < len(examples):
+                first_row = int(ends[e0 - 1]) if e0 else 0
+                # examples whose rows end within one chunk of rows (at least one example)
+                e1 = max(e0 + 1, int(torch.searchsorted(ends, first_row + rows_per_chunk, right=True)))
+                sl = slice(first_row, int(ends[e1 - 1]))
+                writer.add_batch(
+                    examples[e0:e1],
                     {h: acts[h][sl] for h in hooks},
+                    counts[e0:e1],
                     position[sl],
                     token_id[sl],
-                    None if token_label is None else torch.as_tensor(token_label)[sl],
+                    None if labels_t is None else labels_t[sl],
                 )
-                start = stop
+                e0 = e1
         return cls(path)
