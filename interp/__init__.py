@@ -45,10 +45,13 @@ _LAZY = {
     "logit_diff": "interp.steering",
     "projection": "interp.steering",
     "probe_score": "interp.steering",
+    "sweep_directions": "interp.steering",
+    "compare_sae_steering": "interp.steering",
     "SAE": "interp.sae",
     "train_topk_sae": "interp.sae",
     "compare": "interp.sae",
     "evaluate": "interp.sae",
+    "rank_latents": "interp.sae",
     "Detector": "interp.detectors",
 }
 

@@ -184,6 +184,34 @@ def steering_curve(table, metrics=None, title: str = "steering sweep") -> go.Fig
     return fig
 
 
+def steering_comparison(table, metrics=None, scale: float = 1.0, title: str = "steering comparison") -> go.Figure:
+    """One panel per metric: each method's mean over prompts against alpha, with standard-error bars (a
+    ``SteeringComparison.table``: method, alpha, alpha_raw, prompt, text, one column per metric)."""
+    import numpy as np
+    from plotly.subplots import make_subplots
+
+    if metrics is None:
+        metrics = [c for c in table.columns if c not in ("method", "alpha", "alpha_raw", "prompt", "text")]
+    palette = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2"]
+    fig = make_subplots(rows=1, cols=max(1, len(metrics)), subplot_titles=list(metrics))
+    for k, method in enumerate(dict.fromkeys(table["method"])):
+        part = table[table["method"] == method]
+        color = palette[k % len(palette)]
+        for col, name in enumerate(metrics, start=1):
+            g = part.groupby("alpha")[name]
+            mean, sem = g.mean(), g.sem().fillna(0.0)
+            fig.add_trace(go.Scatter(
+                x=list(mean.index), y=mean.values, mode="lines+markers", name=method, legendgroup=method,
+                showlegend=col == 1, line=dict(color=color),
+                error_y=dict(type="data", array=np.asarray(sem.values), visible=True),
+            ), row=1, col=col)
+    x_title = "alpha" if scale == 1.0 else f"alpha (x {scale:.3g})"
+    fig.update_xaxes(title_text=x_title)
+    fig.update_layout(title=title, template="plotly_white",
+                      legend=dict(orientation="h", y=1.08, x=1, xanchor="right", yanchor="bottom"))
+    return fig
+
+
 #--------------------------------------------------------------------------------------------- probes, directions, INLP
 
 

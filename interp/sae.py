@@ -202,6 +202,11 @@ class SAE(nn.Module):
             f"dtype={_dtype_name(self.dtype)})"
         )
 
+    def describe(self) -> dict[str, Any]:
+        """What a saved result records about the SAE: architecture, sizes, k, hook and model names."""
+        return {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k,
+                "hook_name": self.hook_name, "model_name": self.model_name}  # fmt: skip
+
     # ---- the formulas
     def _normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """SAELens's run-time input normalisation; returns the normalised input and what undoes it."""
@@ -1159,6 +1164,58 @@ def _binary(y: Tensor, label: str, classes: Sequence[Any]) -> tuple[Tensor, Any]
     return torch.where(y >= 0, (y == pos).long(), torch.full_like(y, -1)), positive
 
 
+def labelled_split(
+    store: ActivationStore, label: str, *, test_size: float = 0.25, seed: int = 0
+) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"], Int[Tensor, " rows"], Any]:
+    """``(train_rows, test_rows, y, positive_class)`` for a binary ``label``: rows split by example
+    (:meth:`ActivationStore.train_test_split`), unlabelled rows dropped, ``y`` in {0, 1} (-1 unlabelled) per
+    store row. Both splits must hold both classes."""
+    y_all, positive = _binary(store.labels(label), label, store.label_classes(label))
+    train, test = store.train_test_split(test_size=test_size, seed=seed)
+    train, test = train[y_all[train] >= 0].sort().values, test[y_all[test] >= 0].sort().values
+    for name, rows in (("training", train), ("test", test)):
+        y = y_all[rows]
+        if y.numel() == 0 or y.min() == y.max():
+            raise AnalysisError(f"the {name} split has only one class of {label!r}: label more examples of each class")
+    return train, test, y_all, positive
+
+
+def _class_gap(
+    store: ActivationStore, hook: str, sae: SAE, rows: Tensor, y_all: Tensor, batch_size: int, progress: bool
+) -> tuple[Tensor, Tensor]:
+    """Per latent, mean activation on positive minus negative ``rows``; and latents ordered by ``|gap|``."""
+    sums = torch.zeros(2, sae.d_sae, dtype=torch.float64)
+    for rows_b, f in sae.iter_encode(store, hook, rows=rows, batch_size=batch_size, progress=progress):
+        yb = y_all[rows_b]
+        f = f.double().cpu()
+        sums[1] += f[yb == 1].sum(0)
+        sums[0] += f[yb == 0].sum(0)
+    y = y_all[rows]
+    counts = torch.stack([(y == 0).sum(), (y == 1).sum()]).double()
+    gap = (sums[1] / counts[1] - sums[0] / counts[0]).float()
+    return gap, torch.sort(-gap.abs(), stable=True).indices
+
+
+def rank_latents(
+    store: ActivationStore | str | os.PathLike,
+    hook: str | int | None,
+    label: str,
+    sae: SAE | str | os.PathLike,
+    *,
+    test_size: float = 0.25,
+    seed: int = 0,
+    batch_size: int = 8192,
+    progress: bool = True,
+) -> tuple[Float[Tensor, " d_sae"], Int[Tensor, " d_sae"]]:
+    """``(gap, ranking)``: per latent, the mean activation on positive minus negative training rows of the
+    binary ``label``, and the latents ordered by ``|gap|`` (largest first). Only training rows are read: the
+    same split and ranking :func:`compare` uses."""
+    store, sae = _as_store(store), _as_sae(sae)
+    hook = resolve_sae_hook(store, sae, hook)
+    train, _, y_all, _ = labelled_split(store, label, test_size=test_size, seed=seed)
+    return _class_gap(store, hook, sae, train, y_all, batch_size, progress)
+
+
 def compare(
     store: ActivationStore | str | os.PathLike,
     hook: str | int | None,
@@ -1192,13 +1249,8 @@ def compare(
 
     store, sae = _as_store(store), _as_sae(sae)
     hook = resolve_sae_hook(store, sae, hook)
-    y_all, positive = _binary(store.labels(label), label, store.label_classes(label))
-    train, test = store.train_test_split(test_size=test_size, seed=seed)
-    train, test = train[y_all[train] >= 0].sort().values, test[y_all[test] >= 0].sort().values
+    train, test, y_all, positive = labelled_split(store, label, test_size=test_size, seed=seed)
     y_tr, y_te = y_all[train], y_all[test]
-    for name, y in (("training", y_tr), ("test", y_te)):
-        if y.numel() == 0 or y.min() == y.max():
-            raise AnalysisError(f"the {name} split has only one class of {label!r}: label more examples of each class")
 
     def fit_1d(s_tr: Tensor, s_te: Tensor) -> float:  # accuracy with a threshold learned on training rows
         return float(LinearProbe(C=C).fit(s_tr[:, None], y_tr).score(s_te[:, None], y_te))
@@ -1225,15 +1277,7 @@ def compare(
     del X_tr, X_te
 
     # pass 1, training rows only: class means of every latent
-    sums = torch.zeros(2, sae.d_sae, dtype=torch.float64)
-    for rows_b, f in sae.iter_encode(store, hook, rows=train, batch_size=batch_size, progress=progress):
-        yb = y_all[rows_b]
-        f = f.double().cpu()
-        sums[1] += f[yb == 1].sum(0)
-        sums[0] += f[yb == 0].sum(0)
-    counts = torch.stack([(y_tr == 0).sum(), (y_tr == 1).sum()]).double()
-    gap = (sums[1] / counts[1] - sums[0] / counts[0]).float()
-    ranking = torch.sort(-gap.abs(), stable=True).indices
+    gap, ranking = _class_gap(store, hook, sae, train, y_all, batch_size, progress)
     ks = sorted({int(k) for k in ks if 0 < int(k) <= sae.d_sae})
     m = min(sae.d_sae, max([n_candidates, *ks]))
     cand = ranking[:m]
@@ -1260,8 +1304,7 @@ def compare(
         "label": label,
         "positive_class": positive,
         "model": store.model_info,
-        "sae": {"architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k,
-                "hook_name": sae.hook_name, "model_name": sae.model_name},
+        "sae": sae.describe(),
         "n_train": int(train.numel()),
         "n_test": int(test.numel()),
         "test_size": test_size,

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -1031,25 +1031,33 @@ class SweepResult:
     figure: Any
     config: dict[str, Any] = field(default_factory=dict)
 
+    _group: ClassVar[tuple[str, ...]] = ("alpha",)  # summary rows
+    _columns: ClassVar[tuple[str, ...]] = ("alpha", "prompt", "text")  # the table's columns that are not metrics
+    _file: ClassVar[str] = "sweep"  # save(): FILE.json (format interp.FILE) and FILE.html
+
     def __iter__(self):
         return iter((self.table, self.figure))
 
     def plot(self):
         return self.figure
 
+    @property
+    def metrics(self) -> list[str]:
+        return [c for c in self.table.columns if c not in self._columns]
+
     def summary(self):
-        """Mean and standard error of each metric per alpha."""
-        cols = [c for c in self.table.columns if c not in ("alpha", "prompt", "text")]
-        return self.table.groupby("alpha")[cols].agg(["mean", "sem"])
+        """Mean and standard error of each metric per alpha (per method and alpha for a comparison)."""
+        return self.table.groupby(list(self._group), sort=False)[self.metrics].agg(["mean", "sem"])
 
     def save(self, path: str | os.PathLike) -> Path:
-        """``sweep.json`` (config + rows) and ``sweep.html`` (the figure)."""
+        """``FILE.json`` (config + rows) and ``FILE.html`` (the figure); FILE is ``sweep`` or
+        ``steering_comparison``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         rows = json.loads(self.table.to_json(orient="records"))
-        atomic_write_json(path / "sweep.json", {"format": "interp.sweep", "version": 1, "config": self.config,
-                                                "rows": rows})
-        atomic_write_bytes(path / "sweep.html", self.figure.to_html(include_plotlyjs=True).encode())
+        body = {"format": f"interp.{self._file}", "version": 1, "config": self.config, "rows": rows}
+        atomic_write_json(path / f"{self._file}.json", body)
+        atomic_write_bytes(path / f"{self._file}.html", self.figure.to_html(include_plotlyjs=True).encode())
         return path
 
 
@@ -1140,8 +1148,225 @@ def sweep(
     return SweepResult(table=table, figure=fig, config=config)
 
 
+# ----------------------------------------------------------------------------------------------- comparing directions
+
+
+@dataclass
+class SteeringComparison(SweepResult):
+    """Several directions swept over the same alphas, prompts and seed, scored by the same metrics.
+
+    ``table``: one row per method, alpha and prompt: ``method``, ``alpha`` (in units of ``config["scale"]``),
+    ``alpha_raw`` (the norm of the vector added), ``prompt``, ``text`` and one column per metric. ``config``
+    records the hooks, the scale, the pairwise cosines of the directions and, from
+    :func:`compare_sae_steering`, the latent, its class gap and where the directions came from. ``summary()``
+    gives mean and standard error per method and alpha; ``save(dir)`` writes ``steering_comparison.json`` and
+    ``steering_comparison.html``.
+    """
+
+    _group: ClassVar[tuple[str, ...]] = ("method", "alpha")
+    _columns: ClassVar[tuple[str, ...]] = ("method", "alpha", "alpha_raw", "prompt", "text")
+    _file: ClassVar[str] = "steering_comparison"
+
+    def __str__(self) -> str:
+        cos = self.config.get("cosines") or {}
+        head = f"steering comparison at {self.config.get('hook')} (scale {self.config.get('scale', 1.0):.4g})"
+        if cos:
+            head += "; cosines " + ", ".join(f"{k}: {v:+.3f}" for k, v in cos.items())
+        means = self.table.groupby(list(self._group), sort=False)[self.metrics].mean()
+        return head + "\n" + means.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def sweep_directions(
+    model,
+    prompts: str | Sequence[str],
+    directions: Mapping[str, Any],
+    alphas: Sequence[float],
+    metric: Any = None,
+    *,
+    hook: str | None = None,
+    scale: float = 1.0,
+    positions: Positions = "all",
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SteeringComparison:
+    """:func:`sweep` each of ``directions`` (``{name: Direction or 1-D tensor}``) with ``op="add"`` over the
+    same ``alphas``, prompts and seed, and put the results side by side.
+
+    Every direction is made a unit vector and added as ``alpha * scale * u``, so methods are compared at equal
+    norms. ``hook``: where to steer (default: each Direction's own hook; required for raw tensors).
+    ``metric`` is as in :func:`sweep`; by default the projection on the first direction, the reference.
+    """
+    from interp import plots
+    from interp.directions import Direction
+
+    if not directions:
+        raise ConfigError("sweep_directions needs at least one direction: {name: Direction or tensor}")
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ConfigError(f"scale must be a positive number, got {scale}")
+    units: dict[str, tuple[Tensor, str]] = {}
+    for name, d in directions.items():
+        v = _as_vector(d)
+        if float(v.norm()) == 0.0:
+            raise SteeringError(f"direction {name!r} is all zeros; it cannot be compared")
+        where = hook if hook is not None else getattr(d, "hook", None)
+        if where is None:
+            raise SteeringError(f"direction {name!r} is a raw tensor: pass hook=... to say where to steer")
+        units[str(name)] = (v / v.norm(), canonical_hook(model, where))
+    first_name, (first, first_hook) = next(iter(units.items()))
+    if metric is None:
+        metric = {"projection": projection(Direction(first, first_hook, method=first_name))}
+    import pandas as pd
+
+    frames = []
+    for name, (u, where) in units.items():
+        res = sweep(model, prompts, u * scale, alphas, metric=metric, op="add", positions=positions, hook=where,
+                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size,
+                    progress=progress)
+        t = res.table
+        t.insert(0, "method", name)
+        t.insert(2, "alpha_raw", t["alpha"] * scale)
+        frames.append(t)
+    table = pd.concat(frames, ignore_index=True)
+    names = list(units)
+    cosines = {f"{a} | {b}": float(units[a][0] @ units[b][0]) for i, a in enumerate(names) for b in names[i + 1 :]}
+    hooks = sorted({w for _, w in units.values()})
+    config = {
+        "model": model_identity(model), "hook": hooks[0] if len(hooks) == 1 else hooks,
+        "hooks": {n: w for n, (_, w) in units.items()}, "scale": scale, "alphas": [float(a) for a in alphas],
+        "metrics": [c for c in table.columns if c not in ("method", "alpha", "alpha_raw", "prompt", "text")],
+        "cosines": cosines, "positions": positions if isinstance(positions, str) else list(positions),
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+    }  # fmt: skip
+    title = f"steering along {len(names)} directions at {', '.join(hooks)}"
+    fig = plots.steering_comparison(table, metrics=config["metrics"], scale=scale, title=title)
+    return SteeringComparison(table=table, figure=fig, config=config)
+
+
+def _store_pool(positions: str) -> str:
+    """How ``probe_score`` pools generated tokens for a probe trained on a store captured with ``positions``."""
+    if positions == "last":
+        return "last"
+    return "mean" if positions.startswith("mean") else "tokens"
+
+
+def compare_sae_steering(
+    model,
+    prompts: str | Sequence[str],
+    store: Any,
+    label: str,
+    sae: Any,
+    *,
+    latent: int | None = None,
+    comparison: Any = None,
+    hook: str | int | None = None,
+    alphas: Sequence[float] = (-1.0, -0.5, 0.0, 0.5, 1.0),
+    scale: float | str = "norm",
+    metric: Any = None,
+    positions: Positions = "all",
+    test_size: float = 0.25,
+    seed: int = 0,
+    max_new_tokens: int = 24,
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SteeringComparison:
+    """Steer along an SAE latent's decoder row and along the diff-in-means direction of ``label``, side by side.
+
+    The steering half of :func:`interp.sae.compare`: both directions are taken at the SAE's hook in the store
+    (``hook`` overrides), from training rows only (the same split as ``compare``), made unit vectors and
+    oriented towards the positive class (the decoder row is flipped when the latent fires more on negative
+    rows), then added as ``alpha * scale * u`` through :func:`sweep` with the same prompts, alphas and seed.
+
+    ``latent``: the SAE latent to steer with; default ``comparison.best_latent`` when a
+    :class:`~interp.sae.SAEComparison` is given, else the latent with the largest class-mean gap on training
+    rows. ``scale="norm"``: alphas are in units of the mean activation norm at the hook on training rows (a
+    float gives raw units). ``metric``: as in :func:`sweep`; by default the score of a dense logistic probe
+    for ``label`` (fitted on the same training rows) on the generated text, read by the unsteered model.
+    """
+    from interp.directions import diff_in_means_tensor
+    from interp.probes.linear import LinearProbe
+    from interp.sae import SAE, _class_gap, labelled_split, resolve_sae_hook
+    from interp.store import ActivationStore
+
+    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    sae = sae if isinstance(sae, SAE) else SAE.load(sae)
+    hook = resolve_sae_hook(store, sae, hook)
+    d_model = int(model.cfg.d_model)
+    if d_model != store.d_model:
+        raise SteeringError(
+            f"the model's d_model is {d_model} but store {store.path} holds width {store.d_model}: steer the model"
+            " the store was captured from"
+        )
+    model_hook = canonical_hook(model, hook)
+    stored_name, name = (store.model_info or {}).get("name"), model_identity(model).get("name")
+    if stored_name and name and stored_name != name:
+        import warnings
+
+        warnings.warn(f"store {store.path} was captured from {stored_name!r} but the model is {name!r}", stacklevel=2)
+    train, _, y_all, positive = labelled_split(store, label, test_size=test_size, seed=seed)
+    X_tr, y_tr = store.activations(hook, train).float(), y_all[train]
+
+    if comparison is not None:
+        prov = getattr(comparison, "provenance", {}) or {}
+        if prov.get("hook") not in (None, hook) or prov.get("label") not in (None, label):
+            raise ConfigError(
+                f"the comparison was made on {prov.get('label')!r} at {prov.get('hook')}, not {label!r} at {hook}:"
+                " pass the matching comparison or latent="
+            )
+        gap = comparison.gap.float()
+        if gap.numel() != sae.d_sae:
+            raise ConfigError(f"the comparison ranks {gap.numel()} latents but the SAE has {sae.d_sae}")
+        if latent is None:
+            latent = int(comparison.best_latent)
+    else:
+        gap, ranking = _class_gap(store, hook, sae, train, y_all, 8192, progress)
+        if latent is None:
+            latent = int(ranking[0])
+    if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < sae.d_sae:
+        raise ConfigError(f"latent must be an integer in 0..{sae.d_sae - 1}, got {latent!r}")
+    row = sae.W_dec[latent].detach().float().cpu()
+    if float(row.norm()) == 0.0:
+        raise SteeringError(f"SAE latent {latent} has an all-zero decoder row; choose another latent")
+    sign = 1.0 if float(gap[latent]) >= 0 else -1.0
+    dim = diff_in_means_tensor(X_tr, y_tr).float()
+    if scale == "norm":
+        unit = float(X_tr.norm(dim=1).mean())
+    elif isinstance(scale, str):
+        raise ConfigError(f"scale must be 'norm' or a positive number, got {scale!r}")
+    else:
+        unit = float(scale)
+    default_metric = metric is None
+    if default_metric:
+        probe = LinearProbe().fit(X_tr, y_tr)
+        metric = {"probe_score": probe_score(probe, hook=model_hook, pool=_store_pool(store.positions))}
+    del X_tr
+    sae_name = f"SAE latent {latent} (decoder row)"
+    result = sweep_directions(
+        model, prompts, {sae_name: sign * row, "diff-in-means": dim}, alphas, metric, hook=model_hook, scale=unit,
+        positions=positions, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+        batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    result.config.update({
+        "store": str(store.path), "label": label, "positive_class": positive, "store_hook": hook,
+        "latent": latent, "latent_gap": float(gap[latent]), "decoder_sign": sign,
+        "scale_mode": "mean activation norm on training rows" if scale == "norm" else "raw",
+        "n_train": int(train.numel()), "test_size": test_size, "split_seed": seed,
+        "sae": sae.describe(),
+        "metric_source": "dense logistic probe for the label, fitted on the training rows, scoring the generated"
+                         " text" if default_metric else "given",
+    })  # fmt: skip
+    return result
+
+
 __all__ = [
     "GenerationResult",
+    "SteeringComparison",
+    "compare_sae_steering",
+    "sweep_directions",
     "Intervention",
     "Metric",
     "SteeringHandle",

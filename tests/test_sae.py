@@ -506,4 +506,4 @@ def test_notebook_runs(monkeypatch):
     nb = nbformat.read(REPO / "notebooks" / "04_sae_vs_probes.ipynb", as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "sparse probe k=16" in outputs
+    assert "sparse probe k=16" in outputs and "steering comparison at blocks.6.hook_out" in outputs

@@ -404,6 +404,123 @@ def test_cli_steer_and_sweep(gpt2, tiny_gpt2_path, tmp_path, capsys):
     assert err.count("\n") == 2 and "alpha is nan" in err and "no hook" in err
 
 
+# ----------------------------------------------------------------------------------------------- SAE row vs diff-in-means
+
+
+def planted_sae_store(model, path, d: int = 64):
+    """A labelled store at blocks.1.hook_out whose classes differ along a known unit ``v``, and an SAE whose
+    latent 3 reads and writes ``-v`` (it fires on the negative class); other latents are random."""
+    from interp.model import model_identity
+    from interp.sae import SAE
+    from interp.store import ActivationStore
+
+    hook = "blocks.1.hook_out"
+    g = torch.Generator().manual_seed(0)
+    v = unit(d, seed=7)
+    y = torch.arange(400) % 2
+    X = torch.randn(400, d, generator=g) + 3 * v * (2 * y[:, None] - 1)
+    ident = model_identity(model)
+    store = ActivationStore.from_tensors(path, {hook: X}, labels=y.tolist(), model={"name": ident["name"], "d_model": d})
+    sae = SAE(d, 8, "topk", k=2, hook_name=hook, seed=0)
+    with torch.no_grad():
+        sae.W_enc[:, 3] = -5 * v
+        sae.W_dec[3] = -v
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return store, sae, v, hook
+
+
+def test_compare_sae_steering_moves_the_residual_by_alpha_times_the_cosine(gpt2, tmp_path):
+    from interp.directions import Direction, diff_in_means_tensor
+    from interp.sae import labelled_split
+    from interp.steering import compare_sae_steering
+
+    store, sae, v, hook = planted_sae_store(gpt2, tmp_path / "store")
+    res = compare_sae_steering(gpt2, PROMPTS[:2], store, "label", sae, alphas=[0, 1, 2], max_new_tokens=1,
+                               metric={"proj": projection(Direction(v, hook))}, progress=False)  # fmt: skip
+    cfg = res.config
+    assert cfg["latent"] == 3 and cfg["decoder_sign"] == -1.0 and cfg["latent_gap"] < 0
+    train, _, y_all, _ = labelled_split(store, "label")
+    X_tr = store.activations(hook, train).float()
+    assert cfg["scale"] == pytest.approx(float(X_tr.norm(dim=1).mean()), rel=1e-5)
+    dim = diff_in_means_tensor(X_tr, y_all[train]).float()
+    cos = float(dim @ v / dim.norm())
+    assert list(cfg["cosines"].values()) == [pytest.approx(cos, abs=1e-5)]
+    # one new token: the projection is read at the last prompt position, whose unsteered value does not depend on
+    # alpha, so it moves by exactly alpha * scale * (u . v): 1 for the flipped decoder row, cos for diff-in-means
+    t = res.table
+    means = t.groupby(["method", "alpha"])["proj"].mean()
+    sae_name = "SAE latent 3 (decoder row)"
+    assert set(t["method"]) == {sae_name, "diff-in-means"} and len(t) == 2 * 3 * 2
+    assert means[(sae_name, 0.0)] == pytest.approx(means[("diff-in-means", 0.0)], abs=1e-6)
+    for a in (1.0, 2.0):
+        assert means[(sae_name, a)] - means[(sae_name, 0.0)] == pytest.approx(a * cfg["scale"], rel=1e-4)
+        assert means[("diff-in-means", a)] - means[("diff-in-means", 0.0)] == pytest.approx(a * cfg["scale"] * cos,
+                                                                                              rel=1e-4)
+    assert (t["alpha_raw"] == t["alpha"] * cfg["scale"]).all()
+    assert len(res.figure.data) == 2 and "SAE latent 3" in str(res)
+
+
+def test_compare_sae_steering_default_probe_metric_comparison_latent_and_save(gpt2, tmp_path):
+    from interp.sae import compare
+    from interp.steering import SteeringComparison, compare_sae_steering
+
+    store, sae, _, _ = planted_sae_store(gpt2, tmp_path / "store")
+    comparison = compare(store, None, "label", sae, ks=(1, 2), progress=False)
+    res = compare_sae_steering(gpt2, PROMPTS[:2], store, "label", sae, comparison=comparison, alphas=[-1, 0, 1],
+                               max_new_tokens=3, progress=False)  # fmt: skip
+    assert isinstance(res, SteeringComparison) and res.config["latent"] == comparison.best_latent == 3
+    assert res.metrics == ["probe_score"] and res.table["probe_score"].notna().all()
+    assert res.summary().shape == (6, 2)
+    out = res.save(tmp_path / "steer")
+    body = json.loads((out / "steering_comparison.json").read_text())
+    assert body["config"]["latent"] == 3 and len(body["rows"]) == 2 * 3 * 2
+    assert (out / "steering_comparison.html").stat().st_size > 10_000
+    explicit = compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, latent=5, alphas=[0], max_new_tokens=1,
+                                    progress=False)  # fmt: skip
+    assert explicit.config["latent"] == 5
+
+
+def test_compare_sae_steering_bad_input(gpt2, tmp_path):
+    from interp.sae import SAE, compare
+    from interp.steering import compare_sae_steering
+    from interp.store import ActivationStore
+
+    store, sae, _, hook = planted_sae_store(gpt2, tmp_path / "store")
+    with pytest.raises(ConfigError, match="latent must be an integer in 0..7"):
+        compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, latent=8, progress=False)
+    narrow = ActivationStore.from_tensors(tmp_path / "narrow", {hook: torch.randn(40, 32)}, labels=[0, 1] * 20)
+    with pytest.raises(SteeringError, match="d_model is 64 but store .* holds width 32"):
+        compare_sae_steering(gpt2, PROMPTS[:1], narrow, "label", SAE(32, 8, "topk", k=2, hook_name=hook),
+                             progress=False)  # fmt: skip
+    other = ActivationStore.from_tensors(tmp_path / "other", {hook: torch.randn(40, 64)},
+                                         labels=[0, 1] * 20, examples=None)  # fmt: skip
+    comparison = compare(other, None, "label", sae, ks=(1,), progress=False)
+    comparison.provenance["label"] = "sentiment"
+    with pytest.raises(ConfigError, match="comparison was made on 'sentiment'"):
+        compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, comparison=comparison, progress=False)
+
+
+def test_cli_sae_compare_with_steering(gpt2, tiny_gpt2_path, tmp_path, capsys):
+    from interp.cli import main
+
+    store, sae, _, _ = planted_sae_store(gpt2, tmp_path / "store")
+    sae.save(tmp_path / "sae")
+    base = ["sae", "compare", str(tmp_path / "sae"), str(store.path), "--label", "label", "--ks", "1", "--quiet"]
+    steer_args = ["--steer-model", str(tiny_gpt2_path), "--prompt", "The capital", "--alphas", "0,1",
+                  "--max-new-tokens", "2"]  # fmt: skip
+    assert main([*base, *steer_args, "--out", str(tmp_path / "out"), "--json"]) == 0
+    captured = capsys.readouterr()
+    body = json.loads(captured.out)  # stdout is one JSON document; status lines go to stderr
+    assert body["steering"]["config"]["latent"] == 3 and len(body["steering"]["rows"]) == 2 * 2
+    assert {r["method"] for r in body["comparison"]} >= {"dense probe", "best SAE latent"}
+    assert (tmp_path / "out" / "steering" / "steering_comparison.json").exists() and "saved to" in captured.err
+    assert main([*base, "--prompt", "The capital"]) == 2
+    assert "--steer-model" in capsys.readouterr().err
+    assert main([*base, *steer_args[:-4], "--alphas", "a,b"]) == 2
+    assert "--alphas 'a,b'" in capsys.readouterr().err
+
+
 def test_notebook_runs(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     from nbclient import NotebookClient

@@ -52,6 +52,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--html", default=None, help="write the plotly figure to this .html file")
     c.add_argument("--json", action="store_true", help="print the table as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = c.add_argument_group(
+        "steering",
+        "also steer a model along the best latent's decoder row and along the"
+        " diff-in-means direction (interp.steering.compare_sae_steering)",
+    )
+    g.add_argument("--steer-model", default=None, help="the decoder model the store was captured from (dir or name)")
+    g.add_argument("--prompt", action="append", default=[], help="a prompt to steer (repeat for a batch)")
+    g.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    g.add_argument("--alphas", default="-1,-0.5,0,0.5,1", help="in units of the mean activation norm at the hook")
+    g.add_argument("--latent", type=int, default=None, help="steer with this latent (default: the best latent)")
+    g.add_argument("--max-new-tokens", type=int, default=24)
     c.set_defaults(func=run_compare)
 
 
@@ -96,6 +107,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
     from interp.errors import ConfigError
     from interp.sae import SAE, compare
 
@@ -103,6 +117,7 @@ def run_compare(args: argparse.Namespace) -> int:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
         raise ConfigError(f"--ks {args.ks!r}: give comma-separated integers such as 1,2,4,8,16") from None
+    steer = _steering_args(args)  # checked before the long work
     sae = SAE.load(args.sae, device=args.device)
     result = compare(
         args.store,
@@ -115,13 +130,67 @@ def run_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    steering = _compare_steering(args, sae, result, *steer) if steer else None
+    status = sys.stderr if args.json else sys.stdout  # with --json, stdout holds one JSON document
     if args.json:
-        print(json.dumps(result.table.to_dict(orient="records"), indent=2))
+        body = {"comparison": result.table.to_dict(orient="records")}
+        if steering is not None:
+            body["steering"] = {"config": steering.config, "rows": json.loads(steering.table.to_json(orient="records"))}
+        print(json.dumps(body if steering is not None else body["comparison"], indent=2, default=str))
     else:
         print(result)
+        if steering is not None:
+            print()
+            print(steering)
     if args.out:
-        print(f"saved to {result.save(args.out)}")
+        print(f"saved to {result.save(args.out)}", file=status)
+        if steering is not None:
+            print(f"steering comparison saved to {steering.save(Path(args.out) / 'steering')}", file=status)
     if args.html:
         result.plot().write_html(args.html, include_plotlyjs=True)
-        print(f"figure written to {args.html}")
+        print(f"figure written to {args.html}", file=status)
+        if steering is not None:
+            html = Path(args.html)
+            html = html.with_name(f"{html.stem}-steering{html.suffix or '.html'}")
+            steering.plot().write_html(str(html), include_plotlyjs=True)
+            print(f"steering figure written to {html}", file=status)
     return 0
+
+
+def _steering_args(args: argparse.Namespace) -> tuple[list[str], list[float]] | None:
+    from interp.cli.steer import _prompts
+    from interp.errors import ConfigError
+
+    if args.steer_model is None:
+        if args.prompt or args.prompts_file or args.latent is not None:
+            raise ConfigError("--prompt/--prompts-file/--latent are for steering: give the model with --steer-model")
+        return None
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"--alphas {args.alphas!r}: give comma-separated numbers such as -1,0,1") from None
+    if not alphas:
+        raise ConfigError("--alphas is empty: give comma-separated numbers such as -1,0,1")
+    return _prompts(args), alphas
+
+
+def _compare_steering(args: argparse.Namespace, sae, comparison, prompts: list[str], alphas: list[float]):
+    from interp.model import load_model
+    from interp.steering import compare_sae_steering
+
+    model = load_model(args.steer_model, device=args.device)
+    return compare_sae_steering(
+        model,
+        prompts,
+        args.store,
+        args.label,
+        sae,
+        comparison=comparison,
+        latent=args.latent,
+        hook=_hook(args.hook),
+        alphas=alphas,
+        test_size=args.test_size,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+    )
