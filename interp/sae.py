@@ -83,6 +83,14 @@ _LEGACY_METADATA = (
 )
 
 
+SAELENS_LAYOUT_VERSION = "6.0.0"  # written as metadata.sae_lens_version: "this cfg is in SAELens 6's layout"
+
+
+def _is_saelens6(version: Any) -> bool:
+    m = re.match(r"^\s*v?(\d+)\.", str(version)) if version is not None else None
+    return bool(m) and int(m.group(1)) >= 6
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     for k, v in _FLOAT_DTYPES.items():
         if v == dtype:
@@ -334,6 +342,13 @@ class SAE(nn.Module):
             cfg.setdefault(key, value)
         meta = {"model_name": None, "hook_name": None, "hook_head_index": None, "prepend_bos": True}
         meta.update(self.metadata)
+        # SAELens 6 reads a cfg as its own layout only when metadata.sae_lens_version is >= 6; without it (or with
+        # an older version, kept from a loaded pre-6 SAE) it re-parses the cfg as pre-6 and loses this metadata
+        old = meta.get("sae_lens_version")
+        if not _is_saelens6(old):
+            if old is not None:
+                meta["source_sae_lens_version"] = old
+            meta["sae_lens_version"] = SAELENS_LAYOUT_VERSION
         cfg["metadata"] = meta
         return cfg
 

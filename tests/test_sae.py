@@ -71,6 +71,8 @@ def test_save_load_round_trip_is_exact(tmp_path, arch):
     assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post" and cfg["metadata"]["model_name"] == "gpt2"
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     assert ("k" in cfg) == (arch == "topk")
+    # SAELens 6 treats a cfg without metadata.sae_lens_version >= 6 as pre-6 and drops the nested metadata
+    assert cfg["metadata"]["sae_lens_version"] == "6.0.0"
     back = SAE.load(tmp_path / "sae")
     assert back.architecture == arch and back.k == sae.k and back.hook_name == sae.hook_name
     assert back.metadata["context_size"] == 128
@@ -113,6 +115,9 @@ def test_handwritten_saelens6_jumprelu_encodes_as_the_formula(tmp_path):
     assert (sae.encode(x) != 0).any() and (sae.encode(x) == 0).any()
     torch.testing.assert_close(sae.decode(want), want @ W_dec + b_dec)
     torch.testing.assert_close(sae(x), want @ W_dec + b_dec)
+    sae.save(tmp_path / "again")  # a SAELens 6 SAE keeps its version and metadata
+    meta = json.loads((tmp_path / "again" / "cfg.json").read_text())["metadata"]
+    assert meta["sae_lens_version"] == "6.5.1" and meta["context_size"] == 1024 and "source_sae_lens_version" not in meta
 
 
 def test_handwritten_saelens6_topk_and_standard(tmp_path):
@@ -154,6 +159,10 @@ def test_older_saelens_configs(tmp_path):
     sae.save(tmp_path / "old6")
     cfg = json.loads((tmp_path / "old6" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_pre" and "hook_point" not in cfg
+    v3 = SAE.load(_write_saelens(tmp_path / "v3", {**old, "sae_lens_version": "3.2.0"}, tensors))
+    v3.save(tmp_path / "v3to6")
+    meta = json.loads((tmp_path / "v3to6" / "cfg.json").read_text())["metadata"]
+    assert (meta["sae_lens_version"], meta["source_sae_lens_version"]) == ("6.0.0", "3.2.0")
 
 
 def test_runtime_normalisations_match_saelens_formulas(tmp_path):
