@@ -538,6 +538,8 @@ def _from_eleuther(path: Path, cfg: dict[str, Any], device: Any, dtype: Any) -> 
     for flag in ("skip_connection", "transcode"):  # both change the computation; multi_topk is training-only
         if cfg.get(flag):
             raise SAEError(f"{where}: EleutherAI SAEs with {flag}=true are not supported")
+    if cfg.get("activation", "topk") != "topk":  # sparsify's "groupmax" keeps one latent per group, not the top k
+        raise SAEError(f"{where}: EleutherAI activation={cfg['activation']!r} is not supported; interp reads topk")
     missing = [n for n in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if n not in tensors]
     if missing:
         raise SAEError(

@@ -207,6 +207,9 @@ def test_eleuther_sparsify_layout(tmp_path):
     torch.testing.assert_close(sae.decode(want), want @ W_dec + b_dec)
     sae.save(tmp_path / "as-saelens")  # converted to the SAELens layout
     torch.testing.assert_close(SAE.load(tmp_path / "as-saelens").encode(x), want)
+    (path / "cfg.json").write_text(json.dumps({**eai_cfg, "activation": "groupmax"}))
+    with pytest.raises(SAEError, match="activation='groupmax' is not supported"):
+        SAE.load(path)
 
 
 def test_bad_files_give_clear_errors(tmp_path):
