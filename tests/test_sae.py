@@ -184,6 +184,21 @@ def test_runtime_normalisations_match_saelens_formulas(tmp_path):
     torch.testing.assert_close(ln(x), (f @ W_dec + b_dec) * sd + mu)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_topk_sparse_decode_matches_the_dense_formula(dtype):
+    sae = _randomize(SAE(24, 96, "topk", k=5, seed=0, dtype=dtype))
+    x = torch.randn(50, 24)
+    with torch.no_grad():
+        x_hat, f = sae.reconstruct(x)  # decoder reads the k active rows only
+    dense = f @ sae.W_dec.detach() + sae.b_dec.detach()
+    tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    torch.testing.assert_close(x_hat.float(), dense.float(), rtol=tol, atol=tol)
+    assert ((f != 0).sum(-1) <= 5).all()
+    x_grad, f_grad = sae.reconstruct(x)  # with autograd: the dense path
+    assert torch.equal(f, f_grad.detach())
+    torch.testing.assert_close(x_hat.float(), x_grad.detach().float(), rtol=tol, atol=tol)
+
+
 def test_eleuther_sparsify_layout(tmp_path):
     g = torch.Generator().manual_seed(7)
     d_in, d_sae, k = 10, 40, 6
