@@ -256,7 +256,9 @@ class SAE(nn.Module):
         x = torch.as_tensor(x)
         if x.shape[-1] != self.d_in:
             raise SAEError(f"input has width {x.shape[-1]} but the SAE's d_in is {self.d_in}: use the SAE's hook")
-        return x.to(self.device, self.dtype, non_blocking=True)
+        if x.device != self.device:  # move in the stored dtype (fewer bytes over PCIe), convert on arrival
+            x = x.to(self.device, non_blocking=True)
+        return x.to(self.dtype)
 
     def encode_pre(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_sae"]:
         """Pre-activations ``normalize(x) - b_dec * apply_b_dec_to_input) @ W_enc + b_enc``."""
