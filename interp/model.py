@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from interp.devices import resolve_device
 from interp.errors import ConfigError, HookError, ModelLoadError, close_matches
 from interp.store import dtype_from_name
 
@@ -69,10 +70,6 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype: Any = None):
     """Boot a model as a ``TransformerBridge`` in eval mode.
 
@@ -81,7 +78,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | No
     ``"bfloat16"``, ``"float16"`` or a torch dtype.
     """
     display, target = resolve_model_path(name_or_path)
-    device = device or default_device()
+    device = str(resolve_device(device))
     torch_dtype = dtype_from_name(dtype)[1] if dtype is not None else torch.float32
     from transformer_lens.model_bridge import TransformerBridge
 

@@ -32,11 +32,11 @@ from interp.artifacts import jsonable as _jsonable
 from interp.artifacts import load_json as _load_json
 from interp.artifacts import load_tensors as _load_tensors
 from interp.artifacts import save_tensors as _save_tensors
+from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError
 from interp.probes.linear import (
     FORMAT_VERSION,
     _open,
-    _resolve_device,
     check_finite,
     labelled_rows,
     split_rows,
@@ -423,7 +423,7 @@ def inlp(
     test_mask = torch.zeros_like(fit_mask)
     if test_pos is not None:
         test_mask[test_pos] = True
-    dev = _resolve_device(device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     all_rows = lab_rows.numel() == len(store)
     X = store.activations(hook_name, None if all_rows else lab_rows).to(dev)
     check_finite(X, f"hook {hook_name}")

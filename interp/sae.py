@@ -47,6 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from interp.artifacts import jsonable as _jsonable
+from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, HookError, SAEError
 from interp.store import ActivationStore, atomic_write_bytes, atomic_write_json
 
@@ -180,7 +181,7 @@ class SAE(nn.Module):
             self.threshold = nn.Parameter(torch.zeros(self.d_sae, dtype=dt))
         else:
             self.threshold = None
-        self.to(device)
+        self.to(resolve_device(device))
 
     # ---- facts
     @property
@@ -538,7 +539,7 @@ def _build(cfg: dict[str, Any], tensors: dict[str, Tensor], where: str, device: 
     with torch.no_grad():
         for name in required:
             getattr(sae, name).copy_(tensors[name].to(dt))
-    return sae.to(device)
+    return sae.to(resolve_device(device))
 
 
 _EAI_LAYER = re.compile(r"^layers\.(\d+)$")
@@ -922,6 +923,7 @@ def train_topk_sae(
     from tqdm.auto import tqdm
 
     store = _as_store(store)
+    device = resolve_device(device)
     hook = store.resolve_hook(hook)
     d_in, d_sae, k = store.d_model, int(d_sae), int(k)
     if d_sae <= 0 or not 0 < k <= d_sae:

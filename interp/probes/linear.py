@@ -31,6 +31,7 @@ from interp.artifacts import jsonable as _jsonable
 from interp.artifacts import load_json as _load_json
 from interp.artifacts import load_tensors as _load_tensors
 from interp.artifacts import save_tensors as _save_tensors
+from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, InterpError
 from interp.probes.solver import (
     column_stats,
@@ -155,10 +156,6 @@ def use_preconditioner(setting: bool | str, H: int, d: int, n_rows: int, n_group
     return precondition_worthwhile(H, d, n_rows, n_groups, device) if setting == "auto" else bool(setting)
 
 
-def _resolve_device(device: str | torch.device | None, fallback: torch.device) -> torch.device:
-    return torch.device(device) if device is not None else fallback
-
-
 # ----------------------------------------------------------------------------------------------- LinearProbe
 
 
@@ -228,7 +225,7 @@ class LinearProbe:
     def fit(self, X: Float[Tensor, "n d"] | np.ndarray, y: Any, sample_weight: Any = None) -> LinearProbe:
         """Fit on rows ``X`` with labels ``y`` (any values; two or more classes). Returns ``self``."""
         Xt, _ = self._as_x(X)
-        dev = _resolve_device(self.device, Xt.device)
+        dev = resolve_device(self.device, Xt.device)
         Xt = Xt.to(dev)
         check_finite(Xt, "X")
         y_np = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
@@ -731,7 +728,7 @@ def train_probes(
     N = lab_rows.numel()
     all_rows = lab_rows if not (N == len(store) and bool((lab_rows == torch.arange(N)).all())) else None
 
-    dev = _resolve_device(device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     X = _load_hooks(store, hook_names, all_rows, dev, progress)
     H = len(hook_names)
 
