@@ -52,6 +52,7 @@ _LAZY = {
     "compare": "interp.sae",
     "evaluate": "interp.sae",
     "rank_latents": "interp.sae",
+    "top_activations": "interp.sae",
     "Detector": "interp.detectors",
 }
 

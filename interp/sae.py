@@ -1114,6 +1114,87 @@ def _train_step(
     return float(fvu.detach()), aux_value, n_dead
 
 
+# ================================================================================================ top activations
+
+
+def _store_tokenizer(store: ActivationStore, tokenizer: Any) -> Any:
+    """``tokenizer="auto"``: the tokenizer saved next to the store's model, when it is a local directory."""
+    if tokenizer != "auto":
+        return getattr(tokenizer, "tokenizer", tokenizer)  # a model that carries its tokenizer
+    path = (store.model_info or {}).get("path")
+    if not path or not Path(path).is_dir():
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # no tokenizer files there: token strings are left out
+        return None
+
+
+def top_activations(
+    store: ActivationStore | str | os.PathLike,
+    sae: SAE | str | os.PathLike,
+    latents: int | Sequence[int],
+    *,
+    hook: str | int | None = None,
+    n: int = 20,
+    rows: Int[Tensor, " n"] | None = None,
+    tokenizer: Any = "auto",
+    batch_size: int = 8192,
+    progress: bool = True,
+):
+    """The ``n`` store rows on which each of ``latents`` fires most strongly: what a latent responds to.
+
+    Returns a ``pandas.DataFrame`` with one row per latent and rank: ``latent``, ``rank``, ``activation``,
+    ``row`` (store row), ``example_id``, ``position`` (token index, -1 for mean-pooled rows), ``token_id``,
+    ``token`` (when a tokenizer is known: ``"auto"`` loads the one saved with the store's model directory; pass
+    a tokenizer or a model to choose, ``None`` for none), ``text`` and ``label`` (the example's, when present).
+    Rows where a latent is zero are never listed, so a rarely firing latent can have fewer than ``n``.
+    One pass over the store (or ``rows``), streamed in batches.
+    """
+    import pandas as pd
+
+    store, sae = _as_store(store), _as_sae(sae)
+    hook = resolve_sae_hook(store, sae, hook)
+    ids = [latents] if isinstance(latents, int) else [int(v) for v in latents]
+    if not ids:
+        raise ConfigError("give at least one latent")
+    bad = [v for v in ids if isinstance(v, bool) or not 0 <= int(v) < sae.d_sae]
+    if bad:
+        raise ConfigError(f"latents {bad} are outside 0..{sae.d_sae - 1}")
+    if n <= 0:
+        raise ConfigError(f"n must be positive, got {n}")
+    cols = torch.tensor(ids, dtype=torch.int64)
+    best_v = torch.full((len(ids), 0), float("-inf"))
+    best_r = torch.zeros((len(ids), 0), dtype=torch.int64)
+    for rows_b, f in sae.iter_encode(store, hook, rows=rows, batch_size=batch_size, progress=progress):
+        a = f[:, cols.to(f.device)].float().cpu().T  # [L, b]
+        v = torch.cat([best_v, a], 1)
+        r = torch.cat([best_r, rows_b.expand(len(ids), -1)], 1)
+        top = v.topk(min(n, v.shape[1]), dim=1)
+        best_v, best_r = top.values, r.gather(1, top.indices)
+    tok = _store_tokenizer(store, tokenizer)
+    examples = store.examples()
+    ex_ids, positions, token_ids = store.example_ids(), store.token_positions(), store.token_ids()
+    records = []
+    for i, latent in enumerate(ids):
+        for rank, (value, row) in enumerate(zip(best_v[i].tolist(), best_r[i].tolist())):
+            if not value > 0:
+                break
+            ex = examples[int(ex_ids[row])]
+            t_id = int(token_ids[row])
+            rec = {"latent": latent, "rank": rank, "activation": value, "row": row, "example_id": int(ex_ids[row]),
+                   "position": int(positions[row]), "token_id": t_id}  # fmt: skip
+            if tok is not None and t_id >= 0:
+                rec["token"] = tok.convert_ids_to_tokens(t_id)
+            rec["text"] = ex.get("text")
+            if "label" in ex:
+                rec["label"] = ex["label"]
+            records.append(rec)
+    return pd.DataFrame.from_records(records)
+
+
 # ================================================================================================ comparison
 
 

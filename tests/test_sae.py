@@ -521,6 +521,58 @@ def test_cli_train_eval_compare(tmp_path, one_thread, capsys):
     assert "blocks.6.hook_out" in capsys.readouterr().err
 
 
+# ------------------------------------------------------------------------------------------------ top activations
+
+
+def test_top_activations_are_the_largest_over_the_whole_store(tmp_path):
+    from interp.sae import top_activations
+
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(5000, 16, generator=g)
+    store = ActivationStore.from_tensors(tmp_path / "s", {"blocks.1.hook_out": X}, labels=(torch.arange(5000) % 2).tolist())
+    sae = _randomize(SAE(16, 40, "standard", hook_name="blocks.1.hook_out"))
+    with torch.no_grad():  # latent 7 fires on 5 rows only: shift its bias down to its 6th-largest pre-activation
+        sae.b_enc[7] -= sae.encode_pre(X)[:, 7].topk(6).values[-1]
+    f = sae.encode(X)
+    rare = int((f[:, 7] > 0).sum())
+    assert rare == 5
+    table = top_activations(store, sae, [3, 7], n=10, batch_size=700, progress=False)  # 8 batches
+    for latent, want_n in ((3, 10), (7, rare)):
+        part = table[table.latent == latent]
+        ref = f[:, latent].topk(want_n)
+        assert list(part["rank"]) == list(range(want_n))
+        assert sorted(part["row"]) == sorted(ref.indices.tolist())
+        torch.testing.assert_close(torch.tensor(part["activation"].tolist()), ref.values, rtol=1e-5, atol=1e-5)
+    assert (table["activation"] > 0).all() and set(table["label"]) <= {0, 1}
+    assert {"example_id", "position", "token_id", "text"} <= set(table.columns)
+    with pytest.raises(ConfigError, match=r"latents \[40\] are outside 0..39"):
+        top_activations(store, sae, 40, progress=False)
+
+
+def test_top_activations_name_tokens_with_the_store_models_tokenizer(gpt2, tiny_gpt2_path, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from interp.capture import capture
+    from interp.cli import main
+    from interp.sae import top_activations
+
+    texts = ["the cat sat on the mat", "a dog ran in the park today", "once upon a time"]
+    store = capture(gpt2, texts, ["blocks.1.hook_resid_post"], "all", tmp_path / "cap", progress=False)
+    sae = _randomize(SAE(64, 32, "topk", k=4, hook_name="blocks.1.hook_out"))
+    fired = (sae.encode(store.activations("blocks.1.hook_out", torch.arange(len(store)))) > 0).any(0)
+    latents = fired.nonzero().flatten()[:2].tolist()
+    table = top_activations(store, sae, latents, n=3, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(tiny_gpt2_path))
+    assert len(table) > 0 and list(table["token"]) == [tok.convert_ids_to_tokens(int(t)) for t in table["token_id"]]
+    assert set(table["text"]) <= set(texts)
+    assert "token" not in top_activations(store, sae, latents[0], n=2, tokenizer=None, progress=False).columns
+    sae.save(tmp_path / "sae")
+    argv = ["sae", "top", str(tmp_path / "sae"), str(store.path), "--latent", str(latents[0]), "-n", "2", "--json"]
+    assert main([*argv, "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["latent"] == latents[0] for r in rows)
+
+
 # ------------------------------------------------------------------------------------------------ notebook
 
 

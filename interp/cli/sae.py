@@ -38,6 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=run_eval)
 
+    t = s.add_parser("top", help="the store rows (tokens or examples) on which given latents fire most")
+    t.add_argument("sae", help="SAE directory (SAELens or EleutherAI layout)")
+    t.add_argument("store", help="activation store directory")
+    t.add_argument("--latent", type=int, action="append", required=True, help="a latent index (repeat for more)")
+    t.add_argument("-n", type=int, default=20, help="rows per latent")
+    t.add_argument("--hook", default=None, help="store hook to read (default: the SAE's hook_name)")
+    t.add_argument("--batch-size", type=int, default=8192)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--json", action="store_true", help="print JSON records")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=run_top)
+
     c = s.add_parser("compare", help="dense probe vs diff-in-means vs best SAE latent vs sparse probes on a label")
     c.add_argument("sae", help="SAE directory (SAELens or EleutherAI layout)")
     c.add_argument("store", help="activation store directory")
@@ -103,6 +115,25 @@ def run_eval(args: argparse.Namespace) -> int:
     sae = SAE.load(args.sae, device=args.device)
     metrics = evaluate(sae, args.store, _hook(args.hook), batch_size=args.batch_size, progress=not args.quiet)
     print(json.dumps(metrics.to_dict(), indent=2) if args.json else metrics)
+    return 0
+
+
+def run_top(args: argparse.Namespace) -> int:
+    from interp.sae import SAE, top_activations
+
+    sae = SAE.load(args.sae, device=args.device)
+    table = top_activations(
+        args.store, sae, args.latent, hook=_hook(args.hook), n=args.n, batch_size=args.batch_size,
+        progress=not args.quiet,
+    )  # fmt: skip
+    if args.json:
+        print(table.to_json(orient="records"))
+    elif table.empty:
+        print("these latents never fire on this store")
+    else:
+        shown = table.drop(columns=["row"]).copy()
+        shown["text"] = [t if t is None or len(t) <= 70 else t[:67] + "..." for t in shown["text"]]
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
 
