@@ -1157,10 +1157,15 @@ def top_activations(
 
     store, sae = _as_store(store), _as_sae(sae)
     hook = resolve_sae_hook(store, sae, hook)
-    ids = [latents] if isinstance(latents, int) else [int(v) for v in latents]
+    try:  # an int, a list of them, or a tensor / array of latent ids (such as comparison.ranking[:5])
+        ids = [int(v) for v in torch.as_tensor(latents).flatten().tolist()]
+        if torch.as_tensor(latents).is_floating_point():
+            raise TypeError
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"latents must be integer latent ids, got {latents!r}") from None
     if not ids:
         raise ConfigError("give at least one latent")
-    bad = [v for v in ids if isinstance(v, bool) or not 0 <= int(v) < sae.d_sae]
+    bad = [v for v in ids if not 0 <= v < sae.d_sae]
     if bad:
         raise ConfigError(f"latents {bad} are outside 0..{sae.d_sae - 1}")
     if n <= 0:

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import re
 import weakref
@@ -1317,6 +1318,11 @@ def compare_sae_steering(
                 f"the comparison was made on {prov.get('label')!r} at {prov.get('hook')}, not {label!r} at {hook}:"
                 " pass the matching comparison or latent="
             )
+        if (prov.get("test_size", test_size), prov.get("seed", seed)) != (test_size, seed):
+            raise ConfigError(
+                f"the comparison split the store with test_size={prov.get('test_size')}, seed={prov.get('seed')};"
+                " pass the same test_size and seed so both use one training split"
+            )
         gap = comparison.gap.float()
         if gap.numel() != sae.d_sae:
             raise ConfigError(f"the comparison ranks {gap.numel()} latents but the SAE has {sae.d_sae}")
@@ -1326,8 +1332,13 @@ def compare_sae_steering(
         gap, ranking = _class_gap(store, hook, sae, train, y_all, 8192, progress)
         if latent is None:
             latent = int(ranking[0])
-    if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < sae.d_sae:
+    try:  # ints, numpy ints and one-element tensors (such as comparison.ranking[0])
+        index = None if isinstance(latent, bool) else int(operator.index(latent))
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < sae.d_sae:
         raise ConfigError(f"latent must be an integer in 0..{sae.d_sae - 1}, got {latent!r}")
+    latent = index
     row = sae.W_dec[latent].detach().float().cpu()
     if float(row.norm()) == 0.0:
         raise SteeringError(f"SAE latent {latent} has an all-zero decoder row; choose another latent")

@@ -547,6 +547,10 @@ def test_top_activations_are_the_largest_over_the_whole_store(tmp_path):
     assert {"example_id", "position", "token_id", "text"} <= set(table.columns)
     with pytest.raises(ConfigError, match=r"latents \[40\] are outside 0..39"):
         top_activations(store, sae, 40, progress=False)
+    with pytest.raises(ConfigError, match="latents must be integer latent ids"):
+        top_activations(store, sae, [1.5], progress=False)
+    same = top_activations(store, sae, torch.tensor([3, 7]), n=10, progress=False)  # a tensor of ids works too
+    assert same.drop(columns="activation").equals(table.drop(columns="activation"))
 
 
 def test_top_activations_name_tokens_with_the_store_models_tokenizer(gpt2, tiny_gpt2_path, tmp_path, capsys):

@@ -479,6 +479,9 @@ def test_compare_sae_steering_default_probe_metric_comparison_latent_and_save(gp
     explicit = compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, latent=5, alphas=[0], max_new_tokens=1,
                                     progress=False)  # fmt: skip
     assert explicit.config["latent"] == 5
+    ranked = compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, latent=comparison.ranking[1], alphas=[0],
+                                  max_new_tokens=1, progress=False)  # fmt: skip
+    assert ranked.config["latent"] == int(comparison.ranking[1])
 
 
 def test_compare_sae_steering_bad_input(gpt2, tmp_path):
@@ -499,6 +502,11 @@ def test_compare_sae_steering_bad_input(gpt2, tmp_path):
     comparison.provenance["label"] = "sentiment"
     with pytest.raises(ConfigError, match="comparison was made on 'sentiment'"):
         compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, comparison=comparison, progress=False)
+    comparison.provenance["label"] = "label"
+    with pytest.raises(ConfigError, match="pass the same test_size and seed"):
+        compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, comparison=comparison, seed=3, progress=False)
+    with pytest.raises(ConfigError, match="latent must be an integer"):
+        compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, latent=2.5, progress=False)
 
 
 def test_cli_sae_compare_with_steering(gpt2, tiny_gpt2_path, tmp_path, capsys):
