@@ -44,12 +44,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.artifacts import jsonable as _jsonable
-from interp.artifacts import load_json
+from interp.artifacts import load_json, save_tensors
 from interp.capture import StopForward, forward_to_stop
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DetectorError, HookError, InterpError, StoreError, close_matches
 from interp.model import model_device
-from interp.store import ActivationStore, atomic_write_bytes, atomic_write_json, static_canonical
+from interp.store import ActivationStore, atomic_write_json, static_canonical
 
 FORMAT_NAME = "interp.detector"
 FORMAT_VERSION = 1
@@ -768,18 +768,15 @@ class Detector:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``detector.json`` and ``detector.safetensors`` into ``directory`` (created if needed)."""
         self._check_fitted()
-        from safetensors.torch import save as st_save
-
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise ConfigError(f"{directory} is a file; give a directory to save the detector in")
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.weight_.contiguous(), "bias": torch.tensor([self.bias_], dtype=torch.float32)}
+        tensors = {"weight": self.weight_, "bias": torch.tensor([self.bias_], dtype=torch.float32)}
         if getattr(self, "_direction_vec", None) is not None and self.method == "diff_in_means":
-            tensors["direction"] = self._direction_vec.float().contiguous()
+            tensors["direction"] = self._direction_vec.float()
             tensors["scale_offset"] = torch.tensor(self._scale_offset, dtype=torch.float32)
-        data = st_save(tensors, metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
-        atomic_write_bytes(directory / TENSORS_FILE, data)
+        data = save_tensors(directory / TENSORS_FILE, tensors, {"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
         config = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

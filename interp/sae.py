@@ -47,9 +47,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from interp.artifacts import jsonable as _jsonable
+from interp.artifacts import load_tensors, save_tensors
 from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, HookError, SAEError
-from interp.store import ActivationStore, atomic_write_bytes, atomic_write_json
+from interp.store import ActivationStore, atomic_write_json
 
 ARCHITECTURES = ("standard", "topk", "jumprelu")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -375,13 +376,11 @@ class SAE(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` (SAELens 6 layout) into directory ``path``."""
-        from safetensors.torch import save
-
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise SAEError(f"{path} is a file: give a directory to save the SAE into")
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / WEIGHTS_FILE, save(self.state_tensors(), metadata={"format": "pt"}))
+        save_tensors(path / WEIGHTS_FILE, self.state_tensors(), {"format": "pt"})
         atomic_write_json(path / CFG_FILE, _jsonable(self.cfg()))
         return path
 
@@ -842,20 +841,18 @@ _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 def _save_checkpoint(
     path: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: Tensor, state: dict[str, Any]
 ) -> None:
-    from safetensors.torch import save
-
     tmp = path.with_name(f".tmp-{path.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     sae.save(tmp)
-    tensors: dict[str, Tensor] = {"since_fired": since_fired.cpu().contiguous()}
+    tensors: dict[str, Tensor] = {"since_fired": since_fired}
     for name in _PARAMS:
         st = opt.state.get(getattr(sae, name), {})
         if st:
-            tensors[f"exp_avg.{name}"] = st["exp_avg"].detach().cpu().contiguous()
-            tensors[f"exp_avg_sq.{name}"] = st["exp_avg_sq"].detach().cpu().contiguous()
-            tensors[f"step.{name}"] = torch.as_tensor(st["step"]).detach().float().reshape(1).cpu()
-    atomic_write_bytes(tmp / OPTIMIZER_STATE, save(tensors, metadata={"format": "pt"}))
+            tensors[f"exp_avg.{name}"] = st["exp_avg"]
+            tensors[f"exp_avg_sq.{name}"] = st["exp_avg_sq"]
+            tensors[f"step.{name}"] = torch.as_tensor(st["step"]).float().reshape(1)
+    save_tensors(tmp / OPTIMIZER_STATE, tensors, {"format": "pt"})
     atomic_write_json(tmp / TRAINING_STATE, _jsonable(state))
     if path.exists():
         shutil.rmtree(path)
@@ -1236,17 +1233,9 @@ class SAEComparison:
 
     def save(self, path: str | os.PathLike) -> Path:
         """``path/comparison.json`` (table + provenance) and ``path/latents.safetensors`` (gap, ranking)."""
-        from safetensors.torch import save
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(
-            path / "latents.safetensors",
-            save(
-                {"gap": self.gap.float().contiguous(), "ranking": self.ranking.contiguous()},
-                metadata={"format": "pt"},
-            ),
-        )
+        save_tensors(path / "latents.safetensors", {"gap": self.gap.float(), "ranking": self.ranking}, {"format": "pt"})
         body = {
             "table": self.table.to_dict(orient="records"),
             "best_latent": self.best_latent,
@@ -1264,7 +1253,7 @@ class SAEComparison:
             body = json.loads((path / "comparison.json").read_text())
         except (OSError, ValueError) as e:
             raise SAEError(f"{path} does not hold a readable comparison.json ({e})") from None
-        tensors = _read_weights(path / "latents.safetensors")
+        tensors = load_tensors(path / "latents.safetensors", "SAE comparison", SAEError)
         table = pd.DataFrame(body["table"])
         return cls(table, tensors["gap"], tensors["ranking"], int(body["best_latent"]), body["provenance"])
 

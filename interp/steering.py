@@ -65,6 +65,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.artifacts import save_tensors
 from interp.capture import run_hooks
 from interp.errors import ConfigError, SteeringError, close_matches
 from interp.model import canonical_hook, is_encoder, model_device, model_identity, tokenize
@@ -620,20 +621,18 @@ class GenerationResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """``generation.json`` (texts, config, provenance) + ``generation.safetensors`` (ids, masks, projections)."""
-        from safetensors.torch import save
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {"token_ids": self.token_ids.contiguous(), "lengths": self.lengths.contiguous()}
+        tensors = {"token_ids": self.token_ids, "lengths": self.lengths}
         for i, p in enumerate(self.prompt_ids):
-            tensors[f"prompt_ids.{i}"] = p.contiguous()
+            tensors[f"prompt_ids.{i}"] = p
         for j, s in enumerate(self.steered):
-            tensors[f"steered.{j}"] = s.to(torch.uint8).contiguous()
+            tensors[f"steered.{j}"] = s.to(torch.uint8)
         if self.projections is not None:
-            tensors["projections"] = self.projections.float().contiguous()
+            tensors["projections"] = self.projections.float()
         if self.logits is not None:
-            tensors["logits"] = self.logits.float().contiguous()
-        atomic_write_bytes(path / "generation.safetensors", save(tensors))
+            tensors["logits"] = self.logits.float()
+        save_tensors(path / "generation.safetensors", tensors)
         atomic_write_json(path / "generation.json", {
             "format": "interp.generation", "version": 1, "prompts": self.prompts, "texts": self.texts,
             "n_steered": len(self.steered), "config": self.config,

@@ -521,6 +521,22 @@ def test_cli_train_eval_compare(tmp_path, one_thread, capsys):
     assert "blocks.6.hook_out" in capsys.readouterr().err
 
 
+def test_comparison_save_load_round_trip(tmp_path):
+    from interp.sae import SAEComparison
+
+    X = torch.randn(600, 12, generator=torch.Generator().manual_seed(5))
+    store = ActivationStore.from_tensors(tmp_path / "s", {"blocks.1.hook_out": X}, labels=(torch.arange(600) % 2).tolist())
+    result = compare(store, None, "label", _randomize(SAE(12, 24, "topk", k=3, hook_name="blocks.1.hook_out")),
+                     ks=(1, 2), progress=False)  # fmt: skip
+    back = SAEComparison.load(result.save(tmp_path / "cmp"))
+    assert back.best_latent == result.best_latent and back.provenance == json.loads(json.dumps(result.provenance))
+    assert torch.equal(back.gap, result.gap) and torch.equal(back.ranking, result.ranking)
+    assert back.table.drop(columns="latents").equals(result.table.drop(columns="latents"))
+    (tmp_path / "cmp" / "latents.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SAEError, match="latents.safetensors is damaged"):
+        SAEComparison.load(tmp_path / "cmp")
+
+
 # ------------------------------------------------------------------------------------------------ top activations
 
 
