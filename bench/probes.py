@@ -16,8 +16,12 @@ isotropic noise and a common offset, like a residual stream); the label is plant
 subspace, a little in each direction, with a strength that grows with depth: probes are far from separable,
 and INLP keeps finding signal for 20 rounds (each round removes mostly one direction of the subspace).
 
+3. ``--small`` (issue 17): only a small sweep, 262 rows x 384 x 6 hooks, 5-fold CV over C in {0.01, 0.1, 1, 10}
+   (the size of the bundled capitals dataset on MiniLM), ``train_probes`` vs the scikit-learn loop per hook,
+   fold and C, alternating ``--repeats`` times; prints the medians and their ratio. Target: >= 5x.
+
 Run: .venv/bin/python bench/probes.py [--rows 20000] [--hooks 7] [--d 384] [--dtype float32]
-                                      [--sklearn-max-iter 100] [--skip-inlp] [--skip-sweep]
+                                      [--sklearn-max-iter 100] [--skip-inlp] [--skip-sweep] [--small --repeats 5]
 """
 
 from __future__ import annotations
@@ -64,24 +68,68 @@ def synthetic(n: int, d: int, n_hooks: int, seed: int = 0, k: int = 48) -> tuple
     return acts, y
 
 
-def sklearn_sweep(store: ActivationStore, y: np.ndarray, folds: np.ndarray, C: float, max_iter: int, tol: float):
+def sklearn_sweep(
+    store: ActivationStore, y: np.ndarray, folds: np.ndarray, C: float | list[float], max_iter: int, tol: float
+):
+    """``StandardScaler`` + ``LogisticRegression(solver="lbfgs")`` per hook, fold and value of C (the scaler is
+    fit once per hook and fold). Returns the time, the mean held-out accuracy per hook (one C) or per
+    ``(hook, C)`` (a list of C), and how many fits stopped at ``max_iter``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    Cs = C if isinstance(C, list) else [C]
     data = {h: store.activations(h).double().numpy() for h in store.hooks}  # not timed
     k = int(folds.max()) + 1
     out, capped = {}, 0
     t0 = time.perf_counter()
     for h, X in data.items():
-        accs = []
+        accs: dict[float, list[float]] = {c: [] for c in Cs}
         for f in range(k):
             tr, te = folds != f, folds == f
             sc = StandardScaler().fit(X[tr])
-            clf = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol).fit(sc.transform(X[tr]), y[tr])
-            capped += int(clf.n_iter_[0] >= max_iter)
-            accs.append(clf.score(sc.transform(X[te]), y[te]))
-        out[h] = float(np.mean(accs))
+            Xtr, Xte = sc.transform(X[tr]), sc.transform(X[te])
+            for c in Cs:
+                clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, tol=tol).fit(Xtr, y[tr])
+                capped += int(clf.n_iter_[0] >= max_iter)
+                accs[c].append(clf.score(Xte, y[te]))
+        for c in Cs:
+            out[(h, c) if isinstance(C, list) else h] = float(np.mean(accs[c]))
     return time.perf_counter() - t0, out, capped
+
+
+def small_sweep(args: argparse.Namespace) -> None:
+    """Issue 17: a small store (262 rows x 384, 6 hooks), 5-fold CV over 4 values of C, where the solver's fixed
+    costs, not the passes, decide. interp and scikit-learn alternate ``--repeats`` times; medians and ratio."""
+    Cs = [0.01, 0.1, 1.0, 10.0]
+    acts, y = synthetic(262, 384, 6)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ActivationStore.from_tensors(Path(tmp) / "small", acts, y.tolist(), dtype=args.dtype)
+        folds = group_folds(store.example_ids(), y, 5, seed=0).numpy()  # the folds train_probes uses
+        train_probes(store, cv=5, C=Cs, progress=False)  # warm-up
+        t_ours, t_sk, cpu_ours, cpu_sk = [], [], [], []
+        for _ in range(args.repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            sweep = train_probes(store, cv=5, C=Cs, seed=0, tol=args.tol, progress=False)
+            t_ours.append(time.perf_counter() - t0)
+            cpu_ours.append(time.process_time() - c0)
+            c0 = time.process_time()
+            t, acc_sk, capped = sklearn_sweep(store, y.numpy(), folds, Cs, args.sklearn_max_iter, args.tol)
+            cpu_sk.append(time.process_time() - c0)
+            t_sk.append(t)
+    worst = max(abs(r["heldout_accuracy"] - acc_sk[(r["hook"], r["C"])]) for r in sweep.cv_results)
+    mo, ms = float(np.median(t_ours)), float(np.median(t_sk))
+    print(f"\n== small sweep: 262 rows x 384, 6 hooks, 5-fold CV, C in {Cs}, tol={args.tol}, {args.repeats} "
+          "interleaved repeats ==")
+    print(f"interp train_probes: median {mo:.3f} s  (runs: {' '.join(f'{t:.3f}' for t in t_ours)}; "
+          f"{sweep.config['passes']} passes, 6 x {6 * len(Cs)} problems incl. the final fits)")
+    print(f"sklearn loop:        median {ms:.3f} s  (runs: {' '.join(f'{t:.3f}' for t in t_sk)}; "
+          f"{6 * 5 * len(Cs)} fits, {capped} stopped at max_iter={args.sklearn_max_iter})")
+    co, cs = float(np.median(cpu_ours)), float(np.median(cpu_sk))
+    print(f"CPU time (all threads; less sensitive to other processes on the machine): interp median {co:.3f} s, "
+          f"sklearn median {cs:.3f} s -> {cs / co:.1f}x")
+    ratios = sorted(s / o for s, o in zip(t_sk, t_ours))
+    print(f"speed-up: {ms / mo:.1f}x (ratio of medians; per-repeat ratios {ratios[0]:.1f}x-{ratios[-1]:.1f}x)   "
+          f"largest held-out accuracy difference over hooks x C: {100 * worst:.2f} points")
 
 
 def sklearn_inlp(
@@ -128,11 +176,17 @@ def main() -> None:
     ap.add_argument("--inlp-iter", type=int, default=20)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-inlp", action="store_true")
+    ap.add_argument("--small", action="store_true",
+                    help="only the small sweep (262 rows x 384, 6 hooks, 5 folds, 4 C), interleaved and repeated")
+    ap.add_argument("--repeats", type=int, default=5, help="--small: interleaved repeats of both sides")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # sklearn's ConvergenceWarning at max_iter: counted and printed instead
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    if args.small:
+        small_sweep(args)
+        return
     acts, y = synthetic(args.rows, args.d, args.hooks)
     with tempfile.TemporaryDirectory() as tmp:
         store = ActivationStore.from_tensors(Path(tmp) / "store", acts, y.tolist(), dtype=args.dtype)

@@ -92,24 +92,18 @@ def main() -> None:
     verdict = "PASS" if max(rw, rc) <= 1.10 else "FAIL"
     print(f"steered/unsteered (one add): wall {rw:.3f}x, CPU {rc:.3f}x  target <= 1.10  {verdict}")
     inside, total = time_inside_steering(lambda: generate(model, prompts, steering=[add_all], **kw))
-    print(f"time inside interp's steering code (position tracking + the add hook) during one steered generate: "
+    print(f"time inside interp's steering hooks (position mask + the add) during one steered generate: "
           f"{inside * 1e3:.1f} ms of {total:.3f} s = {inside / total:.2%}")
 
 
 def time_inside_steering(fn) -> tuple[float, float]:
-    """Seconds spent in the tracker's pre-forward hook and the intervention hooks during ``fn()``, and in total:
-    the steering overhead measured directly, so that it is visible even when wall times are noisy."""
-    import interp.steering as st
+    """Seconds spent in the intervention hooks during ``fn()`` (``interp.generation``'s hooks that act: the
+    position mask and the op), and in total: the steering overhead measured directly, so that it is visible
+    even when wall times are noisy."""
+    import interp.generation as gen
 
     spent = [0.0]
-    orig_pre, orig_make = st._Tracker._pre, st._make_hook
-
-    def pre(self, *a, **k):
-        t = time.perf_counter()
-        try:
-            return orig_pre(self, *a, **k)
-        finally:
-            spent[0] += time.perf_counter() - t
+    orig_make = gen._act_hook
 
     def make(*a, **k):
         hook_fn = orig_make(*a, **k)
@@ -123,13 +117,14 @@ def time_inside_steering(fn) -> tuple[float, float]:
 
         return timed_hook
 
-    st._Tracker._pre, st._make_hook = pre, make
+    gen._act_hook = make
     try:
         t0 = time.perf_counter()
         fn()
         return spent[0], time.perf_counter() - t0
     finally:
-        st._Tracker._pre, st._make_hook = orig_pre, orig_make
+        gen._act_hook = orig_make
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ The public API is re-exported here lazily, so ``import interp`` stays fast and l
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from interp.errors import InterpError
@@ -20,6 +22,7 @@ _LAZY = {
     "resolve_hooks": "interp.model",
     "tokenize": "interp.model",
     "capture": "interp.capture",
+    "render_chat": "interp.chat",
     "load_dataset": "interp.datasets",
     "Dataset": "interp.datasets",
     "LinearProbe": "interp.probes.linear",
@@ -45,18 +48,45 @@ _LAZY = {
     "logit_diff": "interp.steering",
     "projection": "interp.steering",
     "probe_score": "interp.steering",
-    "sweep_directions": "interp.steering",
-    "compare_sae_steering": "interp.steering",
+    "sweep_directions": "interp.comparisons",
+    "compare_sae_steering": "interp.comparisons",
     "SAE": "interp.sae",
     "train_topk_sae": "interp.sae",
-    "compare": "interp.sae",
+    "compare": "interp.comparisons",
     "evaluate": "interp.sae",
-    "rank_latents": "interp.sae",
+    "rank_latents": "interp.comparisons",
     "top_activations": "interp.sae",
     "Detector": "interp.detectors",
+    "SAEComparison": "interp.comparisons",
+    "SteeringComparison": "interp.comparisons",
+    "GenerationResult": "interp.generation",
+    "Act": "interp.generation",
+    "Watch": "interp.generation",
 }
 
 __all__ = ["ActivationStore", "InterpError", "StoreWriter", *_LAZY]
+
+
+class _Package(types.ModuleType):
+    """The package's module type: a public name that is also a submodule's name stays the public object.
+
+    Importing a submodule sets it as an attribute of its package (``interp.capture`` the module, once
+    anything imports it), which would shadow the lazily exported function ``capture``. Here such an
+    assignment binds the exported object instead; the submodule stays reachable in ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (
+            name in _LAZY
+            and isinstance(value, types.ModuleType)
+            and value.__name__ == f"{__name__}.{name}"
+            and hasattr(value, name)
+        ):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

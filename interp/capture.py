@@ -6,12 +6,17 @@ capture that dies is resumed by running the same call again on the same director
 
 Position policies: ``all`` (every token), ``last`` (the last real token), ``mean`` (mean over real tokens,
 special tokens included), a region name from the dataset's ``regions`` (every token in it, e.g.
-``response``), or ``mean:REGION`` / ``last:REGION`` (pooled over that region).
+``response``), or ``mean:REGION`` / ``last:REGION`` (pooled over that region). Chat rows (``messages``) are rendered
+with the model's chat template (``interp.chat``), and their ``response`` region is the final assistant message's
+content, without the end-of-turn token.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +26,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.chat import render_dataset
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DatasetError, HookError
 from interp.model import Tokens, model_device, model_identity, resolve_hooks, tokenize
-from interp.store import ActivationStore, StoreWriter, dtype_from_name
+from interp.model import max_length as model_max_length
+from interp.store import ActivationStore, StoreWriter, dtype_from_name, example_line, lines_sha256
 
 POOLS = ("all", "last", "mean")
 
@@ -86,14 +93,24 @@ def capture(
 
     Everything is checked before the store is created (hooks, layers, dtype, positions, dataset), so bad
     input leaves nothing behind. Running the same call again on an unfinished store resumes after its last
-    committed example; on a finished one it returns the store as it is.
+    committed example; on a finished one it returns the store as it is. Either way the dataset must be the
+    one the store was started on (the sha256 of its examples' lines), or a DatasetError says what differs.
+    Texts longer than ``max_length`` (default: the model's context) are truncated, with one
+    :class:`TruncationWarning` giving the count.
     """
     dtype_name, _ = dtype_from_name(dtype)
     pool, region = parse_positions(positions)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(shard_mb, bool) or not isinstance(shard_mb, (int, float)) or not math.isfinite(shard_mb) \
+            or shard_mb <= 0:
+        raise ConfigError(f"shard size must be a positive number of MiB (--shard-mb), got {shard_mb!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ConfigError(f"max_length must be a positive number of tokens (or None for the model's context), got"
+                          f" {max_length!r}")
     hook_names, aliases = resolve_hooks(model, hooks, layers)
-    data = load_dataset(dataset)
+    data = render_dataset(model, load_dataset(dataset))  # chat rows: the model's template, 'response' region set
+    lines = _example_lines(data)
     if region is not None:
         missing = [e.id for e in data if region not in e.regions]
         if missing:
@@ -102,8 +119,6 @@ def capture(
                 f"(first: id {missing[0]!r}); regions look like {{\"{region}\": [start, end]}}"
             )
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} is a file, not a store directory: choose another --out path")
     has_token_labels = data.has_spans and pool == "all"
     ident = model_identity(model)
     writer = StoreWriter(
@@ -114,20 +129,23 @@ def capture(
         model=ident,
         positions=positions,
         hook_aliases=aliases,
-        dataset=data.provenance(),
-        shard_bytes=int(shard_mb * 2**20),
+        dataset={**data.provenance(), "sha256": lines_sha256(lines)},
+        shard_bytes=max(1, int(shard_mb * 2**20)),
         has_token_labels=has_token_labels,
         resume=resume,
     )
     try:
         start = writer.next_example
-        _check_same_dataset(out, data, start)
+        _check_same_dataset(writer, out, lines)
         device = model_device(model)
+        limit = min(max_length or model_max_length(model), model_max_length(model))
+        truncated = 0
         bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
         with torch.inference_mode():
             for b0 in range(start, len(data), batch_size):
                 batch = data.examples[b0 : b0 + batch_size]
                 toks = tokenize(model, [e.text for e in batch], max_length).to(device)
+                truncated += count_truncated(batch, toks, limit)
                 cache = run_hooks(model, toks, hook_names)
                 _add_batch(writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
                 bar.update(len(batch))
@@ -136,7 +154,40 @@ def capture(
     except BaseException:
         writer.abort()
         raise
+    if truncated:
+        warnings.warn(
+            f"{truncated} of {len(data) - start} examples were longer than {limit} tokens and were truncated to"
+            f" {limit} (the {'max_length given' if max_length else 'model context'}); their later tokens are not in"
+            " the store",
+            TruncationWarning,
+            stacklevel=2,
+        )
     return ActivationStore(out)
+
+
+class TruncationWarning(UserWarning):
+    """Some texts were longer than the tokens a capture keeps (the model's context or ``max_length``)."""
+
+
+def count_truncated(batch: Sequence[Example], toks: Tokens, limit: int) -> int:
+    """How many examples of a batch the tokenizer cut at ``limit`` tokens: they fill the limit and their last
+    token ends before the text does."""
+    n = 0
+    for ex, length, offs in zip(batch, toks.lengths, toks.offsets):
+        if length >= limit and max((b for _, b in offs), default=0) < len(ex.text.rstrip()):
+            n += 1
+    return n
+
+
+def _example_lines(data: Dataset) -> list[bytes]:
+    """The lines a capture of ``data`` writes to examples.jsonl (their sha256 identifies the dataset)."""
+    lines = []
+    for i, ex in enumerate(data):
+        try:
+            lines.append(example_line(i, ex.to_record()))
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"example {i} (id {ex.id!r}) has a field that is not JSON ({e}); give plain values")
+    return lines
 
 
 class StopForward(Exception):
@@ -145,19 +196,34 @@ class StopForward(Exception):
     because it does not stop every architecture (BERT runs to the end)."""
 
 
-def _check_same_dataset(out: Path, data: Dataset, committed: int) -> None:
-    """Resuming must continue the same dataset: its size and the committed examples' texts must match."""
-    if committed == 0:
+def _check_same_dataset(writer: StoreWriter, out: Path, lines: Sequence[bytes]) -> None:
+    """Capturing into an existing store must continue (or re-return) the same dataset: the sha256 of the lines
+    it would write must equal the one recorded when the store was started; otherwise say what differs."""
+    m = writer.manifest
+    committed = int(m["n_examples"])
+    recorded = m["dataset"].get("sha256")
+    if recorded == lines_sha256(lines) or (committed == 0 and recorded is None):
         return
-    if committed > len(data):
-        raise DatasetError(f"store {out} already holds {committed} examples but the dataset has {len(data)}")
-    done = ActivationStore(out).examples()
-    for i in sorted({0, committed // 2, committed - 1}):
-        if done[i].get("text") != data[i].text:
+    fix = "capture the same dataset, or choose a new --out path for this one"
+    if committed > len(lines):
+        raise DatasetError(f"store {out} already holds {committed} examples but the dataset has {len(lines)}; {fix}")
+    for i, (old, new) in enumerate(zip(writer.committed_lines(), lines)):
+        if old != new:
+            try:
+                a, b = json.loads(old), json.loads(new)
+                keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)] or ["its bytes"]
+            except (ValueError, TypeError):
+                a, b, keys = {}, {}, ["its bytes"]
+            k = keys[0]
             raise DatasetError(
-                f"store {out} holds a capture of another dataset (example {i} differs); resume with the same"
-                " dataset or choose a new --out path"
+                f"store {out} holds a capture of another dataset: example {i} differs in {', '.join(keys)} ({k}: "
+                f"{str(a.get(k))[:40]!r} in the store, {str(b.get(k))[:40]!r} now); {fix}"
             )
+    if recorded is not None:
+        n_then = m["dataset"].get("examples")
+        what = (f"it had {n_then} examples, this one has {len(lines)}" if n_then != len(lines)
+                else f"an example after the {committed} already captured differs")
+        raise DatasetError(f"store {out} was started on another version of this dataset ({what}); {fix}")
 
 
 def forward_to_stop(model, input_ids: Tensor, **kwargs: Any) -> None:

@@ -1,10 +1,16 @@
-"""Labelled text datasets: JSON Lines in and out, the bundled datasets under ``data/``, token-level span labels.
+"""Labelled text datasets: JSON Lines in and out, the bundled datasets under ``interp/data/`` (linked as ``data/``), token-level span labels.
 
 A row is a JSON object with ``text`` (str) and ``label`` (int, str or bool), optionally ``split``
 (``"train"``/``"test"``), ``id``, ``spans`` (``[{"start", "end", "label", "name"?}]``, character offsets, end
 exclusive: tokens overlapping a span get its label) and ``regions`` (``{"response": [start, end]}``: named
 character ranges that position policies such as ``positions="response"`` select). Any other field is kept
 as metadata and stored with the example.
+
+A chat row holds ``messages`` (``[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]``)
+instead of ``text``. Its text is the model's chat template applied to the messages, made by
+``interp.chat.render_dataset(model, dataset)`` (capture does it), which also sets the ``response`` region: the
+characters of the final assistant message's content. Until then a chat example's ``text`` is empty (a ``text``
+given beside ``messages``, as a store's examples.jsonl records it, is replaced by the rendering).
 """
 
 from __future__ import annotations
@@ -18,8 +24,12 @@ from typing import Any
 
 from interp.errors import DatasetError, close_matches
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-BUILTIN = {"capitals": "capitals.jsonl", "deception": "deception.jsonl", "entities": "entities.jsonl"}
+DATA_DIR = Path(__file__).resolve().parent / "data"  # package data (the top-level data/ links here)
+BUILTIN = {
+    "capitals": "capitals.jsonl", "deception": "deception.jsonl", "entities": "entities.jsonl",
+    "questions": "questions.jsonl", "truth": "truth.jsonl", "contrast": "contrast.jsonl", "steer_prompts": "steer_prompts.jsonl",
+}
+UNLABELLED = {"questions", "steer_prompts"}
 
 
 @dataclass
@@ -33,10 +43,13 @@ class Example:
     spans: list[dict[str, Any]] = field(default_factory=list)
     regions: dict[str, list[int]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, str]] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The JSON object written to jsonl files and to a store's examples.jsonl."""
         rec: dict[str, Any] = {"id": self.id, "text": self.text}
+        if self.messages is not None:
+            rec["messages"] = self.messages
         if self.label is not None:
             rec["label"] = self.label
         if self.split is not None:
@@ -74,6 +87,11 @@ class Dataset(Sequence[Example]):
     @property
     def has_spans(self) -> bool:
         return any(e.spans for e in self.examples)
+
+    @property
+    def has_messages(self) -> bool:
+        """True when some example is a chat (``messages``) whose text the model's chat template makes."""
+        return any(e.messages is not None for e in self.examples)
 
     def texts(self) -> list[str]:
         return [e.text for e in self.examples]
@@ -136,10 +154,17 @@ def parse_record(rec: Any, where: str, require_label: bool = True) -> Example:
     if not isinstance(rec, Mapping):
         raise DatasetError(f"{where}: a row must be a JSON object, got {type(rec).__name__}")
     rec = dict(rec)
+    messages = rec.pop("messages", None)
     text = rec.pop("text", None)
-    if text is None:
-        raise DatasetError(f"{where}: missing 'text'; every row needs a text field")
-    if not isinstance(text, str) or not text:
+    if messages is not None:  # a chat: its text is made later by the model's chat template
+        messages, text = check_messages(messages, where), ""
+        for key in ("spans", "regions"):
+            if rec.get(key):
+                raise DatasetError(f"{where}: '{key}' index a text, and a chat row's text is made by the model's chat"
+                                   " template; drop them (positions='response' selects the final assistant message)")
+    elif text is None:
+        raise DatasetError(f"{where}: missing 'text'; every row needs a text field (or a chat in 'messages')")
+    elif not isinstance(text, str) or not text:
         raise DatasetError(f"{where}: 'text' must be a non-empty string")
     if "label" not in rec and require_label:
         raise DatasetError(f"{where}: missing 'label'; every row needs text and label (or load with require_label=False)")
@@ -166,7 +191,25 @@ def parse_record(rec: Any, where: str, require_label: bool = True) -> Example:
             raise DatasetError(f"{where}: region {name!r} must be [start, end]")
         _check_offsets(where, text, r[0], r[1], f"region {name!r}")
     ex_id = rec.pop("id", None)
-    return Example(text, label, split, ex_id, [dict(s) for s in spans], {k: list(v) for k, v in regions.items()}, rec)
+    return Example(text, label, split, ex_id, [dict(s) for s in spans], {k: list(v) for k, v in regions.items()}, rec,
+                   messages)
+
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """A chat as a list of ``{"role", "content"}`` objects with string fields; anything else is a one-line error."""
+    if not isinstance(messages, list) or not messages:
+        raise DatasetError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DatasetError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise DatasetError(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(CHAT_ROLES)}")
+        out.append({k: v for k, v in m.items()})
+    return out
 
 
 def load_jsonl(path: str | os.PathLike, require_label: bool = True, name: str | None = None) -> Dataset:
@@ -177,11 +220,22 @@ def load_jsonl(path: str | os.PathLike, require_label: bool = True, name: str | 
     if path.is_dir():
         raise DatasetError(f"{path} is a directory; give a .jsonl file")
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DatasetError(f"cannot read dataset file {path} ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the"
+                    " file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -210,10 +264,18 @@ def load_dataset(
     if isinstance(source, (str, os.PathLike)):
         s = str(source)
         if s in BUILTIN:
-            return load_jsonl(DATA_DIR / BUILTIN[s], require_label, name=s)
+            # questions and steering prompts carry no label: the model's graded answers or the user supply it
+            return load_jsonl(DATA_DIR / BUILTIN[s], require_label and s not in UNLABELLED, name=s)
         if not Path(s).exists() and not s.endswith(".jsonl") and os.sep not in s:
             raise DatasetError(f"no dataset file or bundled dataset {s!r}; {close_matches(s, BUILTIN)}")
         return load_jsonl(s, require_label)
+    if isinstance(source, Mapping):
+        keys = [str(k) for k in list(source)[:5]]
+        hint = f'e.g. ds["{keys[0]}"]' if keys else 'e.g. ds["train"]'
+        raise DatasetError(
+            f"got a mapping ({type(source).__name__} with keys {keys}), not a list of examples; for a Hugging Face"
+            f" DatasetDict pick a split, {hint}"
+        )
     rows = list(source)
     if not rows:
         raise DatasetError("the dataset is empty; give at least one example")
@@ -221,7 +283,8 @@ def load_dataset(
         return Dataset.from_texts(rows)
     examples = []
     for i, r in enumerate(rows):
-        ex = parse_record(r, f"row {i}", require_label)
+        # Example objects (a filtered built-in dataset, say) are checked like the JSON rows they stand for
+        ex = parse_record(r.to_record() if isinstance(r, Example) else r, f"row {i}", require_label)
         ex.id = i if ex.id is None else ex.id
         examples.append(ex)
     return Dataset(examples, name="rows")

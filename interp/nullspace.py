@@ -200,11 +200,16 @@ class INLPResult:
 
     # ---- figures, save, load
     def plot(self, title: str | None = None):
-        """Plotly figure of the held-out accuracy per iteration against the majority-class rate."""
+        """Plotly figure of the held-out accuracy per iteration (Wilson 95% intervals over the held-out rows)
+        against the majority-class rate."""
         from interp import plots
 
+        src = plots.source_text(self.provenance)
+        where = ", ".join(src[k] for k in ("model", "dataset") if src[k])
+        default = f"INLP: removing '{self.label}' at {self.hook}" + (f" ({where})" if where else "")
         return plots.inlp_accuracy_figure(
-            self.accuracies, self.majority, self.margin, title=title or f"INLP on {self.hook}: {self.label}"
+            self.accuracies, self.majority, self.margin, title=title or default,
+            n_test=self.config.get("n_test"), removed=self.removed or None,
         )
 
     def save(self, directory: str | os.PathLike) -> Path:

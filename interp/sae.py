@@ -1,5 +1,5 @@
-"""Sparse autoencoders on stored activations: SAELens-format I/O, encode/decode, metrics, TopK training, and
-the comparison of SAE latents with a dense probe and a difference-in-means direction.
+"""Sparse autoencoders on stored activations: SAELens-format I/O, encode/decode, metrics and TopK training.
+Comparing SAE latents with a dense probe and a difference-in-means direction lives in :mod:`interp.comparisons`.
 
 On disk an SAE is a directory in SAELens's layout (version 6)::
 
@@ -47,7 +47,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from interp.artifacts import jsonable as _jsonable
-from interp.artifacts import load_tensors, save_tensors
+from interp.artifacts import save_tensors
 from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, HookError, SAEError
 from interp.store import ActivationStore, atomic_write_json
@@ -486,9 +486,13 @@ def _build(cfg: dict[str, Any], tensors: dict[str, Tensor], where: str, device: 
         )
     if arch == "topk" and k is None:
         raise SAEError(f"{where}: a topk SAE's cfg.json must give k")
-    for flag in ("rescale_acts_by_decoder_norm", "finetuning_scaling_factor"):
-        if cfg.get(flag):
-            raise SAEError(f"{where}: cfg sets {flag}=true, which interp does not apply; fold it into the weights")
+    if cfg.get("finetuning_scaling_factor"):
+        raise SAEError(f"{where}: cfg sets finetuning_scaling_factor=true, which interp does not apply; fold it into "
+                       "the weights")
+    fold_norms = bool(cfg.get("rescale_acts_by_decoder_norm"))
+    if fold_norms and arch != "topk":
+        raise SAEError(f"{where}: cfg sets rescale_acts_by_decoder_norm=true on a {arch} SAE; SAELens defines it for "
+                       "topk SAEs only: fold the decoder norms into the weights and save without it")
     if cfg.get("hook_head_index") is not None or (cfg.get("metadata") or {}).get("hook_head_index") is not None:
         raise SAEError(f"{where}: SAEs on a single attention head (hook_head_index) are not supported")
     norm = _normalization(cfg, where)
@@ -535,10 +539,31 @@ def _build(cfg: dict[str, Any], tensors: dict[str, Tensor], where: str, device: 
     )
     if cfg.get("reshape_activations") not in (None, "none"):  # "hook_z": SAELens flattens heads; stores are flat
         sae.extra_cfg["reshape_activations"] = cfg["reshape_activations"]
+    if fold_norms:
+        tensors = fold_decoder_norms(tensors)
     with torch.no_grad():
         for name in required:
             getattr(sae, name).copy_(tensors[name].to(dt))
     return sae.to(resolve_device(device))
+
+
+def fold_decoder_norms(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Fold SAELens's ``rescale_acts_by_decoder_norm`` into the weights (as SAELens's ``fold_W_dec_norm``).
+
+    With the flag, a SAELens TopK SAE multiplies its pre-activations by the decoder row norms ``n`` (clamped
+    at 1e-8) before TopK, and divides the activations by ``n`` before decoding. Because ``n > 0`` commutes with
+    TopK and ReLU, the same SAE with ``W_enc`` and ``b_enc`` times ``n`` and ``W_dec``'s rows divided by ``n``
+    computes identical latents and reconstructions with the plain formula. Done in float64, then stored in
+    the SAE's dtype.
+    """
+    W_dec = tensors["W_dec"].double()
+    n = W_dec.norm(dim=-1).clamp_min(1e-8)  # [d_sae]
+    return {
+        **tensors,
+        "W_enc": tensors["W_enc"].double() * n,
+        "b_enc": tensors["b_enc"].double() * n,
+        "W_dec": W_dec / n[:, None],
+    }
 
 
 _EAI_LAYER = re.compile(r"^layers\.(\d+)$")
@@ -741,7 +766,9 @@ class SAEMetrics:
         """Histogram of log10 latent firing frequency (dead latents counted apart)."""
         from interp.plots import sae_feature_density
 
-        return sae_feature_density(self.firing_frequency, title=f"latent firing frequency ({self.hook})")
+        model = (self.provenance.get("model") or {}).get("name", "") if self.provenance else ""
+        where = f"{self.hook} of {model}" if model else self.hook
+        return sae_feature_density(self.firing_frequency, title=f"SAE latent firing frequency at {where}")
 
 
 def evaluate(
@@ -1195,228 +1222,3 @@ def top_activations(
                 rec["label"] = ex["label"]
             records.append(rec)
     return pd.DataFrame.from_records(records)
-
-
-# ================================================================================================ comparison
-
-
-@dataclass
-class SAEComparison:
-    """How well one concept is read out by a dense probe, diff-in-means, the best SAE latent and sparse probes.
-
-    ``table`` has one row per method: ``method``, ``n_features``, ``latents`` (SAE latent ids used, if any),
-    held-out ``accuracy``, ``auroc`` and ``recall_at_1pct_fpr``. ``gap`` is, per latent, the mean activation
-    on positive minus negative training rows; ``ranking`` orders latents by ``|gap|`` (training rows only).
-    """
-
-    table: Any  # pandas.DataFrame
-    gap: Float[Tensor, " d_sae"]
-    ranking: Int[Tensor, " d_sae"]
-    best_latent: int
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        t = self.table.copy()
-        t["latents"] = [", ".join(map(str, v)) if isinstance(v, list) else "" for v in t["latents"]]
-        head = (
-            f"{self.provenance.get('label')}={self.provenance.get('positive_class')!r} on {self.provenance.get('hook')}"
-            f" ({self.provenance.get('n_train')} train / {self.provenance.get('n_test')} test rows)"
-        )
-        return head + "\n" + t.to_string(index=False, float_format=lambda v: f"{v:.3f}")
-
-    def plot(self):
-        """Grouped bars of held-out accuracy and AUROC per method."""
-        from interp.plots import sae_comparison
-
-        p = self.provenance
-        return sae_comparison(self.table, title=f"{p.get('label')} on {p.get('hook')}: probes vs SAE latents")
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """``path/comparison.json`` (table + provenance) and ``path/latents.safetensors`` (gap, ranking)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / "latents.safetensors", {"gap": self.gap.float(), "ranking": self.ranking}, {"format": "pt"})
-        body = {
-            "table": self.table.to_dict(orient="records"),
-            "best_latent": self.best_latent,
-            "provenance": self.provenance,
-        }
-        atomic_write_json(path / "comparison.json", _jsonable(body))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> SAEComparison:
-        import pandas as pd
-
-        path = Path(path)
-        try:
-            body = json.loads((path / "comparison.json").read_text())
-        except (OSError, ValueError) as e:
-            raise SAEError(f"{path} does not hold a readable comparison.json ({e})") from None
-        tensors = load_tensors(path / "latents.safetensors", "SAE comparison", SAEError)
-        table = pd.DataFrame(body["table"])
-        return cls(table, tensors["gap"], tensors["ranking"], int(body["best_latent"]), body["provenance"])
-
-
-def _binary(y: Tensor, label: str, classes: Sequence[Any]) -> tuple[Tensor, Any]:
-    labelled = y[y >= 0]
-    vals = torch.unique(labelled)
-    if vals.numel() != 2:
-        raise AnalysisError(
-            f"compare needs a binary label; {label!r} has {vals.numel()} classes among labelled rows"
-            f" ({list(classes)[:6]}): make a two-valued field"
-        )
-    pos = int(vals[1])
-    positive = classes[pos] if 0 <= pos < len(classes) else pos
-    return torch.where(y >= 0, (y == pos).long(), torch.full_like(y, -1)), positive
-
-
-def labelled_split(
-    store: ActivationStore, label: str, *, test_size: float = 0.25, seed: int = 0
-) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"], Int[Tensor, " rows"], Any]:
-    """``(train_rows, test_rows, y, positive_class)`` for a binary ``label``: rows split by example
-    (:meth:`ActivationStore.train_test_split`), unlabelled rows dropped, ``y`` in {0, 1} (-1 unlabelled) per
-    store row. Both splits must hold both classes."""
-    y_all, positive = _binary(store.labels(label), label, store.label_classes(label))
-    train, test = store.train_test_split(test_size=test_size, seed=seed)
-    train, test = train[y_all[train] >= 0].sort().values, test[y_all[test] >= 0].sort().values
-    for name, rows in (("training", train), ("test", test)):
-        y = y_all[rows]
-        if y.numel() == 0 or y.min() == y.max():
-            raise AnalysisError(f"the {name} split has only one class of {label!r}: label more examples of each class")
-    return train, test, y_all, positive
-
-
-def _class_gap(
-    store: ActivationStore, hook: str, sae: SAE, rows: Tensor, y_all: Tensor, batch_size: int, progress: bool
-) -> tuple[Tensor, Tensor]:
-    """Per latent, mean activation on positive minus negative ``rows``; and latents ordered by ``|gap|``."""
-    sums = torch.zeros(2, sae.d_sae, dtype=torch.float64)
-    for rows_b, f in sae.iter_encode(store, hook, rows=rows, batch_size=batch_size, progress=progress):
-        yb = y_all[rows_b]
-        f = f.double().cpu()
-        sums[1] += f[yb == 1].sum(0)
-        sums[0] += f[yb == 0].sum(0)
-    y = y_all[rows]
-    counts = torch.stack([(y == 0).sum(), (y == 1).sum()]).double()
-    gap = (sums[1] / counts[1] - sums[0] / counts[0]).float()
-    return gap, torch.sort(-gap.abs(), stable=True).indices
-
-
-def rank_latents(
-    store: ActivationStore | str | os.PathLike,
-    hook: str | int | None,
-    label: str,
-    sae: SAE | str | os.PathLike,
-    *,
-    test_size: float = 0.25,
-    seed: int = 0,
-    batch_size: int = 8192,
-    progress: bool = True,
-) -> tuple[Float[Tensor, " d_sae"], Int[Tensor, " d_sae"]]:
-    """``(gap, ranking)``: per latent, the mean activation on positive minus negative training rows of the
-    binary ``label``, and the latents ordered by ``|gap|`` (largest first). Only training rows are read: the
-    same split and ranking :func:`compare` uses."""
-    store, sae = _as_store(store), _as_sae(sae)
-    hook = resolve_sae_hook(store, sae, hook)
-    train, _, y_all, _ = labelled_split(store, label, test_size=test_size, seed=seed)
-    return _class_gap(store, hook, sae, train, y_all, batch_size, progress)
-
-
-def compare(
-    store: ActivationStore | str | os.PathLike,
-    hook: str | int | None,
-    label: str,
-    sae: SAE | str | os.PathLike,
-    *,
-    ks: Sequence[int] = (1, 2, 4, 8, 16),
-    C: float = 1.0,
-    test_size: float = 0.25,
-    seed: int = 0,
-    n_candidates: int = 64,
-    batch_size: int = 8192,
-    progress: bool = True,
-) -> SAEComparison:
-    """Compare, for one binary concept ``label``, a dense logistic probe, the diff-in-means direction, the single
-    best SAE latent and sparse probes on the top-k SAE latents, by held-out accuracy and AUROC.
-
-    Rows are split by example (:meth:`ActivationStore.train_test_split`: the dataset's split column when it
-    has one). Everything is chosen and fitted on training rows only: latents are ranked by the gap between
-    class means of their activations on training rows (``|mean_pos - mean_neg|``, as in sparse-probing
-    evaluations); the sparse probe with ``k`` latents is a logistic probe (``C``, standardised features) on the
-    top ``k``; the best single latent is, among the top ``n_candidates``, the one with the highest
-    training AUROC, scored on test by its (sign-corrected) activation. Diff-in-means and single latents get
-    their accuracy from a one-feature logistic fit on training rows (a learned threshold). ``hook`` defaults
-    to the SAE's ``hook_name`` resolved in the store.
-    """
-    import pandas as pd
-
-    from interp.directions import diff_in_means_tensor
-    from interp.probes.linear import LinearProbe, auroc, recall_at_fpr
-
-    store, sae = _as_store(store), _as_sae(sae)
-    hook = resolve_sae_hook(store, sae, hook)
-    train, test, y_all, positive = labelled_split(store, label, test_size=test_size, seed=seed)
-    y_tr, y_te = y_all[train], y_all[test]
-
-    def fit_1d(s_tr: Tensor, s_te: Tensor) -> float:  # accuracy with a threshold learned on training rows
-        return float(LinearProbe(C=C).fit(s_tr[:, None], y_tr).score(s_te[:, None], y_te))
-
-    def record(method: str, n_features: int, latents: list[int] | None, accuracy: float, scores: Tensor) -> None:
-        records.append(
-            {
-                "method": method,
-                "n_features": n_features,
-                "latents": latents,
-                "accuracy": accuracy,
-                "auroc": float(auroc(scores, y_te)),
-                "recall_at_1pct_fpr": float(recall_at_fpr(scores, y_te, 0.01)),
-            }
-        )
-
-    records: list[dict[str, Any]] = []
-    X_tr, X_te = store.activations(hook, train).float(), store.activations(hook, test).float()
-    dense = LinearProbe(C=C).fit(X_tr, y_tr)
-    record("dense probe", store.d_model, None, float(dense.score(X_te, y_te)), dense.decision_function(X_te))
-    direction = diff_in_means_tensor(X_tr, y_tr).float()
-    p_tr, p_te = X_tr @ direction, X_te @ direction
-    record("diff-in-means", 1, None, fit_1d(p_tr, p_te), p_te)
-    del X_tr, X_te
-
-    # pass 1, training rows only: class means of every latent
-    gap, ranking = _class_gap(store, hook, sae, train, y_all, batch_size, progress)
-    ks = sorted({int(k) for k in ks if 0 < int(k) <= sae.d_sae})
-    m = min(sae.d_sae, max([n_candidates, *ks]))
-    cand = ranking[:m]
-
-    # pass 2: the candidate latents on training and test rows
-    both = torch.cat([train, test]).sort().values
-    Z = torch.empty(both.numel(), m)
-    for rows_b, f in sae.iter_encode(store, hook, rows=both, batch_size=batch_size, progress=progress):
-        Z[torch.searchsorted(both, rows_b)] = f[:, cand.to(f.device)].float().cpu()
-    Z_tr, Z_te = Z[torch.searchsorted(both, train)], Z[torch.searchsorted(both, test)]
-
-    sign = torch.where(gap[cand] >= 0, 1.0, -1.0)
-    train_aurocs = torch.tensor([float(auroc(sign[j] * Z_tr[:, j], y_tr)) for j in range(m)])
-    j = int(torch.argmax(train_aurocs))  # first maximum: ties go to the larger gap
-    best = int(cand[j])
-    record("best SAE latent", 1, [best], fit_1d(Z_tr[:, j], Z_te[:, j]), sign[j] * Z_te[:, j])
-    for k in ks:
-        probe = LinearProbe(C=C).fit(Z_tr[:, :k], y_tr)
-        scores = probe.decision_function(Z_te[:, :k])
-        record(f"sparse probe k={k}", k, [int(v) for v in cand[:k]], float(probe.score(Z_te[:, :k], y_te)), scores)
-    provenance = {
-        "store": str(store.path),
-        "hook": hook,
-        "label": label,
-        "positive_class": positive,
-        "model": store.model_info,
-        "sae": sae.describe(),
-        "n_train": int(train.numel()),
-        "n_test": int(test.numel()),
-        "test_size": test_size,
-        "seed": seed,
-        "C": C,
-        "ranking": "abs(mean_pos - mean_neg) on training rows",
-    }  # fmt: skip
-    return SAEComparison(pd.DataFrame.from_records(records), gap, ranking, best, provenance)

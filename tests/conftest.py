@@ -39,3 +39,11 @@ def gpt2(tiny_gpt2_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled chat decoder SmolLM2-135M-Instruct (converted once from its GGUF into the user cache)."""
+    from interp.model import load_model
+
+    return load_model("smollm2", device="cpu")

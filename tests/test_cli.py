@@ -29,7 +29,9 @@ def captured(tmp_path_factory):
 
 def test_capture_and_info(captured):
     store, r = captured
-    assert "examples   12" in r.stdout and "blocks.5.hook_out" in r.stdout
+    assert r.stdout == ""  # --quiet: no progress bar, no summary
+    text = interp("store", "info", store)
+    assert "examples   12" in text.stdout and "blocks.5.hook_out" in text.stdout
     info = interp("store", "info", store, "--json")
     assert info.returncode == 0 and json.loads(info.stdout)["rows"] == 12
 
@@ -72,3 +74,41 @@ def test_public_api_names_resolve():
 
     for name in interp.__all__:
         assert getattr(interp, name) is not None, name
+
+
+def test_version_names_the_deciding_dependencies(capsys):
+    import re
+
+    from interp.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert re.match(r"interp \d+\.\d+\.\d+ \(transformers \S+, transformer-lens \S+, torch \S+\)", out), out
+
+
+def test_json_on_probe_inlp_and_sae_train(tmp_path):
+    """Every analysis command prints exactly one JSON document on stdout with --json."""
+    import torch
+
+    from interp import ActivationStore
+    from interp.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 16, generator=g) + 2.0 * y[:, None] * torch.eye(16)[0]
+    ActivationStore.from_tensors(tmp_path / "s", {"blocks.0.hook_out": x}, labels=y.tolist())
+    runs = {
+        "probe": ["probe", str(tmp_path / "s"), "--cv", "2", "--quiet", "--json"],
+        "inlp": ["inlp", str(tmp_path / "s"), "--hook", "0", "--max-iter", "2", "--quiet", "--json"],
+        "sae": ["sae", "train", str(tmp_path / "s"), "--hook", "0", "--d-sae", "32", "--k", "4", "--steps", "5",
+                "--batch-size", "64", "--out", str(tmp_path / "sae"), "--quiet", "--json"],
+    }
+    for name, argv in runs.items():
+        r = subprocess.run([sys.executable, "-m", "interp", *argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (name, r.stderr[-2000:])
+        doc = json.loads(r.stdout)
+        assert isinstance(doc, dict) and doc, name
+    assert json.loads(subprocess.run([sys.executable, "-m", "interp", *runs["probe"]], capture_output=True,
+                                     text=True).stdout)["best_hook"] == "blocks.0.hook_out"

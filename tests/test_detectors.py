@@ -233,6 +233,11 @@ def test_region_mask_mean_equals_pooled_store(minilm, tmp_path):
     y = [ex.label for ex in rows]
     assert rep.metrics["example"]["auroc"] == pytest.approx(roc_auc_score(y, res.aggregate.numpy()), abs=1e-9)
     assert set(rep.metrics) == {"example", "token", "span"}
+    assert rep.labels == [int(v == 1) for v in y]  # the heatmap's true-label column
+    fig = rep.plot([0, 1])
+    side = fig.data[1]
+    assert side.x[0] == "true label" and side.text[0][0] == ("pos" if y[0] == 1 else "neg")
+    assert "blocks.2.hook_out" in fig.layout.title.text and "all-MiniLM-L6-v2" in fig.layout.title.text
 
 
 # ----------------------------------------------------------------------------------------------- streaming
@@ -386,3 +391,90 @@ def test_notebook_runs():
     resources = {"metadata": {"path": str(REPO)}}
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources)
     client.execute()
+
+
+# ----------------------------------------------------------------------------------------------- pairs, NaN (issues 11, 13)
+
+
+def _paired_store(path, n_pairs=40, d=16, seed=0, field="country", nan_row=None):
+    """Two examples per group (one negative, one positive) sharing a group vector; a weak planted signal."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n_pairs, d, generator=g) * 3
+    u = torch.randn(d, generator=g)
+    X = torch.cat([base + torch.randn(n_pairs, d, generator=g) + y * u for y in (0, 1)])
+    y = torch.cat([torch.zeros(n_pairs), torch.ones(n_pairs)]).long()
+    if nan_row is not None:
+        X[nan_row, 0] = float("nan")
+    examples = [{"id": i, "text": f"t{i}", "label": int(y[i]), field: f"g{i % n_pairs}"} for i in range(2 * n_pairs)]
+    return ActivationStore.from_tensors(path, {HOOK: X}, examples=examples, example_id=torch.arange(2 * n_pairs))
+
+
+@pytest.mark.parametrize("field", ["country", "pair_id"])
+def test_fit_keeps_paired_examples_on_one_side_by_default(tmp_path, field):
+    store = _paired_store(tmp_path / "s", field=field)
+    det = Detector()
+    rows = torch.arange(len(store))
+    fit_rows, val_rows = det._val_split(store, rows)
+    ex = store.examples()
+    fit_g = {ex[int(e)][field] for e in store.example_ids()[fit_rows]}
+    val_g = {ex[int(e)][field] for e in store.example_ids()[val_rows]}
+    assert fit_g and val_g and not (fit_g & val_g)
+    fitted = Detector.fit(store, "label", rows=rows, progress=False)
+    assert fitted.provenance_["group"] == field
+    # group=False: split by example, so some groups straddle the split
+    fit_rows, val_rows = Detector(group=False)._val_split(store, rows)
+    assert {ex[int(e)][field] for e in store.example_ids()[fit_rows]} & {
+        ex[int(e)][field] for e in store.example_ids()[val_rows]}
+
+
+def test_fit_warns_when_validation_auroc_is_below_chance(tmp_path):
+    import warnings
+
+    below = 0
+    for seed in range(6):  # no signal at all: about half the seeds land below 0.5
+        g = torch.Generator().manual_seed(seed)
+        X, y = torch.randn(80, 8, generator=g), (torch.arange(80) % 2)
+        store = ActivationStore.from_tensors(tmp_path / f"n{seed}", {HOOK: X}, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = Detector.fit(store, "label", rows=torch.arange(80), seed=seed, progress=False)
+        auroc = det.metrics_["example"]["auroc"]
+        warned = any("below chance" in str(w.message) for w in caught)
+        assert warned == (auroc < 0.5)
+        below += auroc < 0.5
+    assert below >= 1
+
+
+def test_fit_refuses_nan_activations_anywhere(tmp_path):
+    for row in (0, 79):  # wherever the NaN row lands (fit or validation), the fit refuses it
+        store = _paired_store(tmp_path / f"nan{row}", nan_row=row)
+        with pytest.raises(DetectorError, match="NaN or infinite"):
+            Detector.fit(store, "label", rows=torch.arange(80), progress=False)
+
+
+def test_cli_detect_new_names_old_aliases_and_steered_monitor(gpt2, tiny_gpt2_path, tmp_path, capsys):
+    from interp.cli import main
+    from interp.directions import Direction
+
+    store = _paired_store(tmp_path / "s", field="pair_id")
+    for flag in ("--group-by", "--group"):
+        out = tmp_path / flag.strip("-")
+        assert main(["detect", "fit", str(store.path), "--out", str(out), flag, "pair_id", "--quiet", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["hook"] == HOOK
+        assert Detector.load(out).provenance_.get("group") == "pair_id"
+    assert main(["detect", "fit", str(store.path), "--out", str(tmp_path / "n"), "--group-by", "none", "--quiet"]) == 0
+    assert Detector.load(tmp_path / "n").provenance_.get("group") is None
+    capsys.readouterr()
+    # monitor while steering: the per-token scores differ from the unsteered run
+    _gpt2_detector(gpt2, threshold=0.0).save(tmp_path / "g")
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    Direction(vector=v / v.norm(), hook="blocks.0.hook_out").save(tmp_path / "dir")
+    base = ["detect", "monitor", str(tmp_path / "g"), "--model", str(tiny_gpt2_path), "--prompt", "The capital",
+            "--max-new-tokens", "3", "--no-eos-stop", "--device", "cpu", "--json"]
+    assert main(base) == 0
+    plain = [json.loads(x) for x in capsys.readouterr().out.splitlines()][:-1]
+    assert main([*base, "--steer", str(tmp_path / "dir"), "--alpha", "8"]) == 0
+    pushed = [json.loads(x) for x in capsys.readouterr().out.splitlines()][:-1]
+    assert len(plain) == len(pushed) == 3 and any(abs(a["score"] - b["score"]) > 1e-3 for a, b in zip(plain, pushed))
+    assert main([*base, "--quiet"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1  # the summary only

@@ -154,3 +154,68 @@ def test_float16_store_matches_float32(tmp_path):
     s16, _ = make_store(tmp_path / "b", n_pairs=100, seed=4, dtype="float16")
     assert diff_in_means(s16, 2).cosine(diff_in_means(s32, 2)) > 0.999
     assert np.isfinite(diff_in_means(s16, 2).auroc(s16))
+
+
+# ----------------------------------------------------------------------------------------------- constant features
+
+
+def constant_columns_store(path, n=3000, d=24, seed=0):
+    """float32 activations of scale ~0.3 with a planted direction ``v`` over the varying features, plus three
+    numerically constant features as a real residual stream has them (issue 11, MiniLM layer 5): exactly 0,
+    1e-32 jitter, and a mean of -1e-7 with float32-rounding jitter of std 1e-9 that leans with the label."""
+    g = torch.Generator().manual_seed(seed)
+    const = [3, 11, 19]
+    live = [j for j in range(d) if j not in const]
+    v = torch.zeros(d)
+    v[live] = torch.randn(len(live), generator=g)
+    v /= v.norm()
+    y = torch.randint(0, 2, (n,), generator=g)
+    X = 0.3 * torch.randn(n, d, generator=g) + 0.3 * (2 * y[:, None].float() - 1) * v + 0.1
+    X[:, const[0]] = 0.0
+    X[:, const[1]] = 1e-32 * torch.randn(n, generator=g)
+    X[:, const[2]] = -1e-7 + 1e-9 * (torch.randn(n, generator=g) + 0.8 * (2 * y.float() - 1))
+    store = ActivationStore.from_tensors(path, {"blocks.5.hook_out": X}, y.tolist(), dtype="float32")
+    return store, v, const
+
+
+def test_probe_direction_ignores_numerically_constant_features(tmp_path):
+    """Issue 11: a feature of std 1e-9 passed the old near-constant test, was standardised into a unit
+    feature, got a coefficient ~1e8 in raw space, and the probe's direction became that basis vector."""
+    store, v, const = constant_columns_store(tmp_path / "s")
+    sweep = train_probes(store, cv=3, C=1.0, progress=False)
+    probe = sweep.best_probe
+    d = Direction.from_probe(probe)
+    assert d.cosine(v) > 0.99
+    assert d.cosine(diff_in_means(store, "blocks.5.hook_out")) > 0.95
+    assert torch.isinf(probe.scale_[const]).all()
+    assert bool((probe.coef_[0, const] == 0).all()) and bool((probe.coef_standardized_[0, const] == 0).all())
+    # the single-matrix estimator standardises the same way
+    from interp.probes import LinearProbe
+
+    X, y = store.activations("blocks.5.hook_out"), store.labels()
+    p = LinearProbe(C=1.0).fit(X, y)
+    assert bool((p.coef_[0, const] == 0).all()) and cos_t(p.coef_[0], v) > 0.99
+    assert p.score(X, y) == pytest.approx(probe.score(X, y), abs=0.01)
+
+
+def cos_t(a, b) -> float:
+    return float(a.double() @ b.double() / (a.double().norm() * b.double().norm()))
+
+
+def test_probe_direction_on_a_float32_minilm_capture(minilm, tmp_path):
+    """The issue's own case: MiniLM layer 5, mean-pooled capitals statements, float32. Three features there
+    are constant (std 0, 0 and 1.3e-9); the probe must give them weight 0, and its direction must agree with
+    diff-in-means far better than a basis vector does (cosine 2e-8 before the fix)."""
+    from interp.capture import capture
+
+    store = capture(minilm, "capitals", hooks="resid_post", layers=[5], positions="mean", dtype="float32",
+                    out=tmp_path / "caps", progress=False)
+    hook = store.hooks[0]
+    X = store.activations(hook).double()
+    flat = torch.nonzero(X.std(0) < 1e-6 * X.pow(2).mean().sqrt()).flatten()
+    assert flat.numel() >= 1  # the model's constant features are there to be ignored
+    probe = train_probes(store, hooks=hook, cv=5, C=1.0, progress=False).best_probe
+    d = Direction.from_probe(probe)
+    assert d.cosine(diff_in_means(store, hook)) > 0.2
+    assert float(probe.coef_.abs().max()) < 1e3
+    assert bool((probe.coef_[0, flat] == 0).all())

@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import math
+
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -309,3 +311,52 @@ def test_notebook_runs():
         NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+
+
+# ----------------------------------------------------------------------------------------------- solver preconditioners
+
+
+@pytest.mark.parametrize("Cs", [[0.1, 0.1, 1.0, 1.0], [0.1, 1.0, 0.1, 1.0]])  # C in blocks (batched) or interleaved
+def test_solver_preconditioners_reach_the_same_optimum(Cs):
+    """Fewer rows than features (a small store): the covariance's rows (Woodbury, n x n inverses), the dense
+    covariance and no preconditioner all reach scikit-learn's optimum, whatever the layout of the values of C."""
+    from interp.probes.solver import column_stats, feature_covariance, feature_rows, fit_logistic
+
+    g = torch.Generator().manual_seed(5)
+    H, N, d = 2, 90, 120
+    X = torch.randn(H, N, d, generator=g) * torch.logspace(-1, 1, d) + 1.0
+    y = (X[:, :, :5].sum(-1) + torch.randn(H, N, generator=g) > 5.0).float()[0]
+    P = len(Cs)
+    S = torch.ones(P, N)
+    S[0, :20] = 0  # one problem on fewer rows
+    Y = y[None].expand(P, N).contiguous()
+    mean, scale = column_stats(X, S)
+    w_all = torch.ones(N)
+    m0, s0 = mean[:, 1], scale[:, 1]
+    Z = feature_rows(X, w_all, m0, s0)
+    assert Z is not None and Z.shape == (H, N, d)
+    cov = feature_covariance(X, w_all, m0, s0)
+    torch.testing.assert_close(Z.transpose(1, 2) @ Z, cov, rtol=1e-4, atol=1e-4)
+    kw = dict(mean=mean, scale=scale, tol=1e-6, max_iter=2000)
+    fits = [fit_logistic(X, Y, S, torch.tensor(Cs), precond_rows=Z, **kw),
+            fit_logistic(X, Y, S, torch.tensor(Cs), precond=cov, **kw),
+            fit_logistic(X, Y, S, torch.tensor(Cs), **kw)]
+    assert all(bool(f.converged.all()) for f in fits)
+    for f in fits[1:]:
+        assert cos(f.coef, fits[0].coef) > 0.9999
+    for h in range(H):
+        for p, c in enumerate(Cs):
+            rows = S[p] > 0
+            Xs = ((X[h][rows] - mean[h, p]) / scale[h, p]).double().numpy()
+            ref = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(Xs, y[rows].numpy())
+            assert cos(fits[0].coef[h, p], ref.coef_) > 0.999
+
+
+def test_recall_at_fpr_is_undefined_below_100_negatives():
+    y = torch.tensor([0] * 99 + [1] * 50)
+    s = torch.cat([torch.zeros(99), torch.ones(50)])
+    assert math.isnan(recall_at_fpr(s, y, 0.01))
+    y2 = torch.tensor([0] * 100 + [1] * 50)
+    s2 = torch.cat([torch.zeros(100), torch.ones(50)])
+    assert recall_at_fpr(s2, y2, 0.01) == 1.0
+    assert recall_at_fpr(s, y, 0.1) == 1.0  # 10% needs only 10 negatives

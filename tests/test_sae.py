@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from interp.errors import ConfigError, HookError, InterpError, SAEError
-from interp.sae import SAE, compare, evaluate, train_topk_sae
+from interp.comparisons import compare
+from interp.sae import SAE, evaluate, train_topk_sae
 from interp.store import ActivationStore
 
 HOOK = "blocks.0.hook_out"
@@ -137,6 +138,60 @@ def test_handwritten_saelens6_topk_and_standard(tmp_path):
     torch.testing.assert_close(topk.encode(x), want)
     assert ((topk.encode(x) != 0).sum(-1) <= 4).all()
     torch.testing.assert_close(std.encode(x), torch.relu(x @ W_enc + b_enc))  # no b_dec subtraction
+
+
+def saelens_topk_rescaled(path: Path, d_in=8, d_sae=40, k=5, seed=7):
+    """A TopK SAE as SAELens's TopK trainer saves it by default: ``rescale_acts_by_decoder_norm: true`` with
+    decoder rows of any norm (here 0.05 to 20), and the reference computation SAELens does with that flag:
+    pre-activations times the decoder norms before TopK (with ReLU), activations divided by them before
+    decoding."""
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(d_in, d_sae, generator=g)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * torch.logspace(-1.3, 1.3, d_sae)[torch.randperm(d_sae, generator=g)][:, None]
+    b_enc, b_dec = torch.randn(d_sae, generator=g), torch.randn(d_in, generator=g)
+    cfg = {"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "dtype": "float32",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "rescale_acts_by_decoder_norm": True,
+           "metadata": {"hook_name": HOOK, "sae_lens_version": "6.54.12"}}
+    _write_saelens(path, cfg, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
+    n = W_dec.double().norm(dim=1)
+
+    def encode(x):
+        pre = ((x.double() - b_dec.double()) @ W_enc.double() + b_enc.double()) * n
+        vals, idx = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+    def decode(f):
+        return (f / n) @ W_dec.double() + b_dec.double()
+
+    return encode, decode
+
+
+def test_saelens_topk_with_rescale_acts_by_decoder_norm_is_folded_at_load(tmp_path):
+    """Issue 11: interp refused SAELens's default TopK SAEs; the flag is folded into the weights at load."""
+    encode, decode = saelens_topk_rescaled(tmp_path / "t")
+    sae = SAE.load(tmp_path / "t")
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(1))
+    f = sae.encode(x)
+    want = encode(x)
+    # the same latents fire (the flag changes which ones: without it the selection differs)
+    assert torch.equal(f != 0, want != 0)
+    torch.testing.assert_close(f.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.decode(f).double(), decode(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae(x).double(), decode(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
+    assert "rescale_acts_by_decoder_norm" not in json.dumps(sae.cfg())  # folded: saved as a plain TopK SAE
+    back = SAE.load(sae.save(tmp_path / "again"))
+    torch.testing.assert_close(back.encode(x), f)
+
+
+def test_rescale_acts_by_decoder_norm_on_other_architectures_is_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    t = {"W_enc": torch.randn(4, 6, generator=g), "b_enc": torch.zeros(6), "W_dec": torch.randn(6, 4, generator=g),
+         "b_dec": torch.zeros(4)}
+    cfg = {"architecture": "standard", "d_in": 4, "d_sae": 6, "rescale_acts_by_decoder_norm": True}
+    with pytest.raises(SAEError, match="rescale_acts_by_decoder_norm=true on a standard SAE"):
+        SAE.load(_write_saelens(tmp_path / "s", cfg, t))
 
 
 def test_older_saelens_configs(tmp_path):
@@ -522,7 +577,7 @@ def test_cli_train_eval_compare(tmp_path, one_thread, capsys):
 
 
 def test_comparison_save_load_round_trip(tmp_path):
-    from interp.sae import SAEComparison
+    from interp.comparisons import SAEComparison
 
     X = torch.randn(600, 12, generator=torch.Generator().manual_seed(5))
     store = ActivationStore.from_tensors(tmp_path / "s", {"blocks.1.hook_out": X}, labels=(torch.arange(600) % 2).tolist())

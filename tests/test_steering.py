@@ -379,7 +379,9 @@ def test_sweep_table_figure_and_metrics(gpt2):
     assert list(table.columns) == ["alpha", "prompt", "text", "proj", "ld", "probe", "chars"] and len(table) == 6
     means = res.summary()
     assert means[("ld", "mean")].is_monotonic_increasing and means[("proj", "mean")].is_monotonic_increasing
-    assert fig.data and fig.layout.xaxis.title.text == "alpha"
+    assert fig.data and fig.layout.xaxis.title.text.startswith("alpha")
+    titles = [fig.layout[k].title.text for k in fig.layout if k.startswith("yaxis")]
+    assert "ld = logit_diff(123 - 45, first token) (logits)" in titles
     zero = table[table.alpha == 0]
     base = generate(gpt2, PROMPTS[:2], max_new_tokens=4)
     assert list(zero.text) == base.texts  # alpha 0 generates exactly what the unsteered model does
@@ -432,8 +434,8 @@ def planted_sae_store(model, path, d: int = 64):
 
 def test_compare_sae_steering_moves_the_residual_by_alpha_times_the_cosine(gpt2, tmp_path):
     from interp.directions import Direction, diff_in_means_tensor
-    from interp.sae import labelled_split
-    from interp.steering import compare_sae_steering
+    from interp.comparisons import labelled_split
+    from interp.comparisons import compare_sae_steering
 
     store, sae, v, hook = planted_sae_store(gpt2, tmp_path / "store")
     res = compare_sae_steering(gpt2, PROMPTS[:2], store, "label", sae, alphas=[0, 1, 2], max_new_tokens=1,
@@ -458,12 +460,15 @@ def test_compare_sae_steering_moves_the_residual_by_alpha_times_the_cosine(gpt2,
         assert means[("diff-in-means", a)] - means[("diff-in-means", 0.0)] == pytest.approx(a * cfg["scale"] * cos,
                                                                                               rel=1e-4)
     assert (t["alpha_raw"] == t["alpha"] * cfg["scale"]).all()
-    assert len(res.figure.data) == 2 and "SAE latent 3" in str(res)
+    curves = [d for d in res.figure.data if d.type == "scatter"]
+    table = next(d for d in res.figure.data if d.type == "table")
+    assert len(curves) == 2 and "SAE latent 3" in str(res)
+    assert list(table.cells.values[-1]) == [t for t in res.table[res.table.prompt == PROMPTS[0]]["text"]]
 
 
 def test_compare_sae_steering_default_probe_metric_comparison_latent_and_save(gpt2, tmp_path):
-    from interp.sae import compare
-    from interp.steering import SteeringComparison, compare_sae_steering
+    from interp.comparisons import compare
+    from interp.comparisons import SteeringComparison, compare_sae_steering
 
     store, sae, _, _ = planted_sae_store(gpt2, tmp_path / "store")
     comparison = compare(store, None, "label", sae, ks=(1, 2), progress=False)
@@ -475,7 +480,8 @@ def test_compare_sae_steering_default_probe_metric_comparison_latent_and_save(gp
     out = res.save(tmp_path / "steer")
     body = json.loads((out / "steering_comparison.json").read_text())
     assert body["config"]["latent"] == 3 and len(body["rows"]) == 2 * 3 * 2
-    assert (out / "steering_comparison.html").stat().st_size > 10_000
+    page = (out / "steering_comparison.html").read_text()
+    assert 'src="plotly.min.js"' in page and (out / "plotly.min.js").stat().st_size > 1_000_000
     explicit = compare_sae_steering(gpt2, PROMPTS[:1], store, "label", sae, latent=5, alphas=[0], max_new_tokens=1,
                                     progress=False)  # fmt: skip
     assert explicit.config["latent"] == 5
@@ -485,8 +491,9 @@ def test_compare_sae_steering_default_probe_metric_comparison_latent_and_save(gp
 
 
 def test_compare_sae_steering_bad_input(gpt2, tmp_path):
-    from interp.sae import SAE, compare
-    from interp.steering import compare_sae_steering
+    from interp.comparisons import compare
+    from interp.sae import SAE
+    from interp.comparisons import compare_sae_steering
     from interp.store import ActivationStore
 
     store, sae, _, hook = planted_sae_store(gpt2, tmp_path / "store")
@@ -537,3 +544,26 @@ def test_notebook_runs(tmp_path):
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def test_cli_steer_bad_inputs_and_new_names(gpt2, tiny_gpt2_path, tmp_path, capsys):
+    from interp.cli import main
+    from interp.directions import Direction
+
+    Direction(vector=unit(64), hook="blocks.1.hook_out").save(tmp_path / "dir")
+    common = [str(c) for c in ["--model", tiny_gpt2_path, "--direction", tmp_path / "dir", "--prompt", "The capital"]]
+    common += ["--max-new-tokens", "3"]
+    capsys.readouterr()
+    assert main(["steer", *common, "--alpha", "4", "--top-k", "0"]) == 2
+    assert main(["steer", *common, "--alpha", "4", "--positions", "500"]) == 2
+    existing = tmp_path / "taken.txt"
+    existing.write_text("keep me")
+    assert main(["steer", *common, "--alpha", "4", "--out", str(existing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 3 and "--top-k 0" in err and "position 500" in err and "existing file" in err
+    assert existing.read_text() == "keep me"
+    # --alphas is the sweep's name (as in `sae compare`); --sweep still works; --quiet is accepted
+    assert main(["steer", *common, "--alphas", "0,2", "--json", "--quiet"]) == 0
+    new = json.loads(capsys.readouterr().out)["rows"]
+    assert main(["steer", *common, "--sweep", "0,2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == new

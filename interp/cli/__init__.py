@@ -16,6 +16,7 @@ COMMAND_MODULES = ["capture", "store", "probe", "inlp", "steer", "sae", "detect"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp", description="Mechanistic interpretability on stored activations.")
+    parser.add_argument("--version", action=_Version, nargs=0, help="print interp's version and its key dependencies")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -27,6 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """``interp --version``: this package and the versions that decide its numbers (read only when asked)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from interp import __version__
+        from interp.model import versions
+
+        print(f"interp {__version__} ({versions()})")
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float16", help="store dtype: float16 | bfloat16 | float32")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--shard-mb", type=float, default=256, help="shard size in MiB")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens kept per text (default: the model's context; longer texts are truncated, with a warning)")
+    p.add_argument("--json", action="store_true", help="print the store's summary as one JSON document on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors still go to stderr)")
     p.set_defaults(func=run)
 
 
@@ -50,7 +54,11 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         layers=layers,
         shard_mb=args.shard_mb,
-        progress=not args.quiet,
+        max_length=args.max_length,
+        progress=not (args.quiet or args.json),
     )
-    print_info(store)
+    if args.json:
+        print(json.dumps(store.info(), indent=2))
+    elif not args.quiet:
+        print_info(store)
     return 0

@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--control", default=None, help="store of ordinary text to calibrate the threshold on")
     f.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the probe")
     f.add_argument("--val-size", type=float, default=0.25, help="share of training examples held out to calibrate")
-    f.add_argument("--group", default=None, help="example field keeping examples together in that split")
+    f.add_argument("--group-by", default=None,
+                   help="example field keeping examples together in that split (default: pair_id / group / pair /"
+                        " country when the examples pair on it; 'none' for no grouping)")
+    f.add_argument("--group", dest="group_by", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--json", action="store_true", help="print the summary as JSON")
     f.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -42,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     sc.add_argument("--color", default="auto", choices=["auto", "always", "never"], help="ANSI colours")
     sc.add_argument("--json", action="store_true", help="print per-token scores as JSON lines")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
     sc.set_defaults(func=run_score)
 
     m = s.add_parser("monitor", help="generate from a prompt and score each new token as it is produced")
@@ -56,20 +60,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--top-k", type=int, default=None)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--no-eos-stop", action="store_true", help="keep generating past the end-of-text token")
+    m.add_argument("--steer", default=None, metavar="DIRECTION",
+                   help="a saved direction to steer along while monitoring (the monitor sees the steered run)")
+    m.add_argument("--alpha", type=float, default=None, help="with --steer: scale for add, value for clamp")
+    m.add_argument("--op", default="add", help="with --steer: add | ablate | clamp")
+    m.add_argument("--positions", default="generated", help="with --steer: all | prompt | generated | indices")
     m.add_argument("--device", default=None)
     m.add_argument("--color", default="auto", choices=["auto", "always", "never"])
     m.add_argument("--json", action="store_true", help="print one JSON line per token, then a summary")
+    m.add_argument("--quiet", action="store_true", help="print only the summary, not a line per token")
     m.set_defaults(func=run_monitor)
 
     r = s.add_parser("report", help="AUROC, accuracy, recall at 1%% FPR at example, token and span level")
     r.add_argument("detector", help="detector directory")
-    r.add_argument("--model", default=None, help="model to score --data with")
-    r.add_argument("--data", default=None, help="dataset name or jsonl (with --model)")
+    r.add_argument("--model", default=None, help="model to score --dataset with")
+    r.add_argument("--dataset", default=None, help="dataset name or jsonl (with --model)")
+    r.add_argument("--data", dest="dataset", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
     r.add_argument("--store", default=None, help="or an activation store to score without a model")
     r.add_argument("--split", default="test", help="test | train | all")
     r.add_argument("--device", default=None)
     r.add_argument("--html", default=None, help="write the token heatmap to this .html file (with --model)")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=run_report)
 
 
@@ -98,7 +110,7 @@ def run_fit(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr,
         C=args.C,
         val_size=args.val_size,
-        group=args.group,
+        group=False if args.group_by == "none" else args.group_by,
         seed=args.seed,
     ).fit(store, args.label, control=control, progress=not args.quiet)
     det.save(args.out)
@@ -142,7 +154,8 @@ def run_score(args: argparse.Namespace) -> int:
         raise ConfigError("give --text \"...\" (repeatable) or --file data.jsonl to score")
     det, model = _load(args)
     inputs = list(args.text) if args.text else load_dataset(args.file, require_label=False)
-    scores = det.score(model, inputs, mask=args.mask, batch_size=args.batch_size)
+    scores = det.score(model, inputs, mask=args.mask, batch_size=args.batch_size,
+                       progress=not (args.json or args.quiet))
     if args.json:
         for rec in scores.to_records():
             print(json.dumps(rec))
@@ -156,8 +169,14 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_monitor(args: argparse.Namespace) -> int:
+    from interp.cli.steer import _load_direction, _positions
     from interp.detectors import _ansi
+    from interp.steering import Intervention
 
+    steering = []
+    if args.steer:
+        steering = [Intervention(_load_direction(args.steer), op=args.op, alpha=args.alpha,
+                                 positions=_positions(args.positions))]
     det, model = _load(args)
     stop = None
     if args.stop_above is not None:
@@ -166,6 +185,8 @@ def run_monitor(args: argparse.Namespace) -> int:
     line_thr = det.threshold_ if stop is None or stop is True else stop
 
     def show(i: int, token_id: int, token: str, score: float) -> None:
+        if args.quiet:
+            return
         if args.json:
             print(json.dumps({"index": i, "token_id": token_id, "token": token, "score": score}), flush=True)
             return
@@ -184,6 +205,7 @@ def run_monitor(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop_at_eos=not args.no_eos_stop,
+        steering=steering,
     )
     summary = {
         "text": res.text,
@@ -212,13 +234,15 @@ def run_report(args: argparse.Namespace) -> int:
     if args.store:
         det = Detector.load(args.detector)
         rep = det.report(ActivationStore(args.store), split=split)
-    elif args.model and args.data:
+    elif args.model and args.dataset:
         model = load_model(args.model, device=args.device)
         det = Detector.load(args.detector, model=model)
-        rep = det.report(model, args.data, split=split)
+        rep = det.report(model, args.dataset, split=split, progress=not (args.json or args.quiet))
         if args.html:
-            rep.plot().write_html(args.html)
+            from interp.reports import write_html
+
+            write_html(args.html, rep.plot())
     else:
-        raise ConfigError("give --store STORE, or --model MODEL with --data DATASET")
+        raise ConfigError("give --store STORE, or --model MODEL with --dataset DATASET")
     print(json.dumps(rep.to_dict()) if args.json else rep)
     return 0

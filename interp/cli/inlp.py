@@ -21,19 +21,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="directory for inlp.json, inlp.safetensors and inlp.html")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the accuracy per iteration as one JSON document")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from interp.cli.probe import figure_html
     from interp.nullspace import inlp
+    from interp.reports import write_html
 
     hook = int(args.hook) if args.hook.lstrip("-").isdigit() else args.hook
     result = inlp(
         args.store, hook, label=args.label, max_iter=args.max_iter, margin=None if args.margin < 0 else args.margin,
         C=args.C, seed=args.seed, test=args.test, backend=args.backend, device=args.device, progress=not args.quiet,
     )
+    if args.out:
+        out = Path(args.out)
+        result.save(out)
+        write_html(out / "inlp.html", result.plot())
+    if args.json:
+        import json
+
+        from interp.artifacts import jsonable
+
+        print(json.dumps(jsonable({
+            "hook": result.hook, "label": result.label, "majority": result.majority, "accuracies": result.accuracies,
+            "removed": result.removed, "n_directions": result.n_directions, "reached_chance": result.reached_chance,
+            "out": args.out,
+        })))
+        return 0
     print(f"INLP on {result.hook}, label {result.label!r}: majority class {result.majority:.3f}")
     print(f"{'iteration':>9} {'directions removed':>18} {'held-out acc':>12}")
     for i, a in enumerate(result.accuracies):
@@ -41,9 +57,5 @@ def run(args: argparse.Namespace) -> int:
     state = "reached chance" if result.reached_chance else "stopped at --max-iter before reaching chance"
     print(f"{result.n_directions} direction(s) removed; {state}")
     if args.out:
-        out = Path(args.out)
-        result.save(out)
-        (out / "inlp.html").write_text(figure_html(result.plot(), f"INLP: {result.label} at {result.hook}"),
-                                       encoding="utf-8")
         print(f"wrote {out / 'inlp.json'}, {out / 'inlp.safetensors'}, {out / 'inlp.html'}")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import html
 import os
 from pathlib import Path
 
@@ -25,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="directory for sweep.json, probes.safetensors and sweep.html")
+    p.add_argument("--json", action="store_true", help="print the per-hook table and the best hook as one JSON document")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verify", action="store_true",
+                   help="check every shard's sha256 and examples.jsonl before training (refuse a damaged store)")
     p.set_defaults(func=run)
 
 
@@ -44,32 +46,6 @@ def parse_floats(text: str, flag: str) -> list[float]:
         raise ConfigError(f"{flag} {text!r}: give comma-separated numbers such as 0.1,1,10") from None
 
 
-def figure_html(fig, title: str, body_html: str = "") -> str:
-    """A standalone HTML page (plotly.js inlined: works offline) with a title, optional HTML and the figure."""
-    return (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-        "<style>body{font-family:system-ui,sans-serif;margin:2em} table{border-collapse:collapse;font-size:13px}"
-        "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1>{body_html}"
-        + fig.to_html(full_html=False, include_plotlyjs=True)
-        + "</body></html>\n"
-    )
-
-
-def sweep_html(sweep, title: str) -> str:
-    frame = sweep.to_frame()
-    cols = [c for c in ("hook", "layer", "C", "train_accuracy", "heldout_accuracy", "heldout_accuracy_std",
-                        "heldout_auroc", "heldout_recall_at_1pct_fpr", "test_accuracy", "test_auroc") if c in frame]
-    summary = (
-        f"<p>label <code>{html.escape(sweep.label)}</code>, store "
-        f"<code>{html.escape(str(sweep.provenance.get('store')))}</code>, {sweep.config.get('n_rows')} rows, "
-        f"cv={sweep.config.get('cv')}, split={sweep.config.get('split')}."
-        f" Best hook: <b>{html.escape(sweep.best_hook)}</b>.</p>"
-    )
-    table = frame[cols].to_html(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
-    return figure_html(sweep.plot(title=title), title, summary + table)
-
-
 def sweep_report(
     store,
     out_dir: str | os.PathLike,
@@ -77,12 +53,17 @@ def sweep_report(
     cv: int | None = 5,
     sweep=None,
     progress: bool = True,
+    intro_html: str = "",
+    self_contained: bool = False,
+    title: str | None = None,
     **kwargs,
 ) -> Path:
     """Run (or take) a probe layer sweep on ``store`` and write ``out_dir/report.html`` with its figure and table.
 
-    The sweep itself is saved next to it (``sweep.json``, ``probes.safetensors``). Returns the report's path.
+    The sweep itself is saved next to it (``sweep.json``, ``probes.safetensors``), and so is the
+    ``plotly.min.js`` the report loads (unless ``self_contained``). Returns the report's path.
     """
+    from interp.reports import probe_sweep_report
     from interp.probes.linear import train_probes
 
     out = Path(out_dir)
@@ -90,16 +71,19 @@ def sweep_report(
     if sweep is None:
         sweep = train_probes(store, label=label, cv=cv, progress=progress, **kwargs)
     sweep.save(out)
-    path = out / "report.html"
-    path.write_text(sweep_html(sweep, f"Probe layer sweep: {sweep.label}"), encoding="utf-8")
-    return path
+    return probe_sweep_report(sweep, out / "report.html", title=title, intro_html=intro_html,
+                              self_contained=self_contained)
 
 
 def run(args: argparse.Namespace) -> int:
+    from interp.errors import ConfigError
     from interp.probes.linear import train_probes
+    from interp.store import ActivationStore
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for sweep.json, probes.safetensors, sweep.html")
     sweep = train_probes(
-        args.store,
+        ActivationStore(args.store, verify=args.verify),
         label=args.label,
         hooks=parse_hooks(args.hooks),
         cv=args.cv if args.cv >= 2 else None,
@@ -112,13 +96,23 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.quiet,
     )
+    if args.out:
+        out = Path(args.out)
+        from interp.reports import probe_sweep_report
+
+        sweep.save(out)
+        probe_sweep_report(sweep, out / "sweep.html")
+    if args.json:
+        import json
+
+        from interp.artifacts import jsonable
+
+        print(json.dumps(jsonable({"best_hook": sweep.best_hook, "rows": sweep.rows, "out": args.out})))
+        return 0
     print(sweep.table())
     best = next(r for r in sweep.rows if r["hook"] == sweep.best_hook)
     print(f"best hook: {sweep.best_hook} (held-out accuracy {best['heldout_accuracy']:.3f}, "
           f"majority class {best['majority']:.3f})")
     if args.out:
-        out = Path(args.out)
-        sweep.save(out)
-        (out / "sweep.html").write_text(sweep_html(sweep, f"Probe sweep: {sweep.label}"), encoding="utf-8")
         print(f"wrote {out / 'sweep.json'}, {out / 'probes.safetensors'}, {out / 'sweep.html'}")
     return 0

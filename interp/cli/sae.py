@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--device", default="cpu", help="cpu | cuda")
+    t.add_argument("--json", action="store_true", help="print the saved SAE's config and final metrics as JSON")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=run_train)
 
@@ -67,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = c.add_argument_group(
         "steering",
         "also steer a model along the best latent's decoder row and along the"
-        " diff-in-means direction (interp.steering.compare_sae_steering)",
+        " diff-in-means direction (interp.comparisons.compare_sae_steering)",
     )
     g.add_argument("--steer-model", default=None, help="the decoder model the store was captured from (dir or name)")
     g.add_argument("--prompt", action="append", default=[], help="a prompt to steer (repeat for a batch)")
@@ -104,6 +105,11 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     history = getattr(sae, "history_", [])
+    if args.json:
+        from interp.artifacts import jsonable
+
+        print(json.dumps(jsonable({"out": str(args.out), "sae": sae.describe(), "final": history[-1] if history else None})))
+        return 0
     last = f", final normalised MSE {history[-1]['fvu']:.4f}" if history else ""
     print(f"saved {sae} to {args.out}{last}")
     return 0
@@ -141,8 +147,9 @@ def run_compare(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
+    from interp.comparisons import compare
     from interp.errors import ConfigError
-    from interp.sae import SAE, compare
+    from interp.sae import SAE
 
     try:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
@@ -178,12 +185,14 @@ def run_compare(args: argparse.Namespace) -> int:
         if steering is not None:
             print(f"steering comparison saved to {steering.save(Path(args.out) / 'steering')}", file=status)
     if args.html:
-        result.plot().write_html(args.html, include_plotlyjs=True)
+        from interp.reports import write_html
+
+        write_html(args.html, result.plot())
         print(f"figure written to {args.html}", file=status)
         if steering is not None:
             html = Path(args.html)
             html = html.with_name(f"{html.stem}-steering{html.suffix or '.html'}")
-            steering.plot().write_html(str(html), include_plotlyjs=True)
+            write_html(html, steering.plot())
             print(f"steering figure written to {html}", file=status)
     return 0
 
@@ -206,8 +215,8 @@ def _steering_args(args: argparse.Namespace) -> tuple[list[str], list[float]] | 
 
 
 def _compare_steering(args: argparse.Namespace, sae, comparison, prompts: list[str], alphas: list[float]):
+    from interp.comparisons import compare_sae_steering
     from interp.model import load_model
-    from interp.steering import compare_sae_steering
 
     model = load_model(args.steer_model, device=args.device)
     return compare_sae_steering(

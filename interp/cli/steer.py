@@ -1,7 +1,7 @@
 """``interp steer``: generate with a saved direction added, ablated or clamped, or sweep alpha.
 
     interp steer --model runs/gpt2 --direction dirs/sentiment --alpha 4 --op add --prompt "I think that"
-    interp steer --model runs/gpt2 --direction dirs/sentiment --sweep -4,-2,0,2,4 --prompt "I think that"
+    interp steer --model runs/gpt2 --direction dirs/sentiment --alphas -4,-2,0,2,4 --prompt "I think that"
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hook", default=None, help="steer here (comma-separate several) instead of the direction's hook")
     p.add_argument("--op", default="add", help="add (x + alpha v) | ablate (remove it) | clamp (set it to alpha)")
     p.add_argument("--alpha", type=float, default=None, help="scale for add, value for clamp")
-    p.add_argument("--sweep", default=None, metavar="A,B,...", help="comma-separated alphas, e.g. -4,-2,0,2,4")
+    p.add_argument("--alphas", default=None, metavar="A,B,...", help="sweep these comma-separated alphas, e.g. -4,0,4")
+    p.add_argument("--sweep", dest="alphas", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
     p.add_argument("--positions", default="all", help="all | prompt | generated | comma-separated token indices")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-baseline", action="store_true", help="do not also generate unsteered")
     p.add_argument("--out", default=None, help="directory to save the generation or sweep (JSON + safetensors/HTML)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.set_defaults(func=run)
 
@@ -91,6 +93,7 @@ def _load_direction(path: str):
 
 def run(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from interp.errors import ConfigError
     from interp.model import load_model
@@ -99,14 +102,21 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     positions = _positions(args.positions)
     hook = [h.strip() for h in args.hook.split(",") if h.strip()] if args.hook else None
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: give a positive number of tokens to sample from (or leave it out)")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens}: give a positive number")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is an existing file; give a directory to save the results in")
     direction = _load_direction(args.direction)
-    if args.sweep is not None and args.alpha is not None:
-        raise ConfigError("give --alpha for one run or --sweep for several, not both")
+    if args.alphas is not None and args.alpha is not None:
+        raise ConfigError("give --alpha for one run or --alphas for a sweep, not both")
+    progress = not (args.json or args.quiet)
     model = load_model(args.model, device=args.device)
     gen_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
 
-    if args.sweep is not None:
-        alphas = _floats(args.sweep, "--sweep")
+    if args.alphas is not None:
+        alphas = _floats(args.alphas, "--alphas")
         if args.metric == "projection":
             metric = projection(direction)
         elif args.metric == "logit_diff":
@@ -116,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             raise ConfigError(f"unknown --metric {args.metric!r}: use projection or logit_diff")
         res = sweep(model, prompts, direction, alphas, metric={args.metric: metric}, op=args.op, positions=positions,
-                    hook=hook, progress=not args.json, max_new_tokens=args.max_new_tokens,
+                    hook=hook, progress=progress, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, seed=args.seed)
         if args.out:
             res.save(args.out)
@@ -133,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     iv = Intervention(direction, op=args.op, alpha=args.alpha, positions=positions, hook=hook)
-    steered = generate(model, prompts, steering=[iv], project=direction, **gen_kw)
-    base = None if args.no_baseline else generate(model, prompts, project=direction, **gen_kw)
+    steered = generate(model, prompts, steering=[iv], project=direction, progress=progress, **gen_kw)
+    base = None if args.no_baseline else generate(model, prompts, project=direction, progress=progress, **gen_kw)
     if args.out:
         steered.save(args.out)
     def proj(g, i: int) -> float:

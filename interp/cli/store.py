@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.set_defaults(func=run_info)
     verify = s.add_parser("verify", help="check every shard's size, header and sha256 (exit 1 on damage)")
     verify.add_argument("path")
+    verify.add_argument("--json", action="store_true", help="print the report as one JSON document on stdout")
+    verify.add_argument("--quiet", action="store_true", help="print nothing: the exit status says it (0 OK, 1 damaged)")
     verify.set_defaults(func=run_verify)
 
 
@@ -39,6 +41,14 @@ def print_info(store) -> None:
         print("labels     " + ", ".join(f"{k}: {v}" for k, v in i["label_counts"].items()))
     if i["token_labels"]:
         print("token labels: yes")
+    if "examples_error" in i:
+        print(f"examples   DAMAGED: {i['examples_error']}")
+    v = i.get("last_verified")
+    if v is None:
+        print("verified   never (run `interp store verify`)")
+    else:
+        state = "OK" if v["ok"] else "FAILED"
+        print(f"verified   {v['verified']}: {state}" + ("" if v["current"] else " (the store changed since)"))
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -56,5 +66,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from interp.store import ActivationStore
 
     report = ActivationStore(args.path).verify()
-    print(report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif not args.quiet:
+        print(report)
     return 0 if report.ok else 1

@@ -33,9 +33,11 @@ from interp.artifacts import load_tensors as _load_tensors
 from interp.artifacts import save_tensors as _save_tensors
 from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, InterpError
+from interp.probes.estimator import EstimatorProtocol, ProbeInputError, validate_sample_weight
 from interp.probes.solver import (
     column_stats,
     feature_covariance,
+    feature_rows,
     fit_logistic,
     linear_scores,
     precondition_worthwhile,
@@ -74,16 +76,30 @@ def auroc(scores: Float[Tensor, " n"], y: Int[Tensor, " n"]) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def recall_at_fpr(scores: Float[Tensor, " n"], y: Int[Tensor, " n"], fpr: float = 0.01) -> float:
-    """The largest recall among thresholds whose false-positive rate is at most ``fpr`` (NaN with one class)."""
+def recall_at_fpr(
+    scores: Float[Tensor, " n"], y: Int[Tensor, " n"], fpr: float = 0.01, min_negatives: int | None = None
+) -> float:
+    """The largest recall among thresholds whose false-positive rate is at most ``fpr``.
+
+    NaN (undefined, not a number to report) with one class, or with fewer than ``min_negatives`` negatives
+    (default ``ceil(1 / fpr)``: 100 at 1%): with fewer, a false-positive rate of ``fpr`` cannot even be observed."""
     s = _as_1d(scores, torch.float64)
     pos = _as_1d(y, torch.int64) == 1
     if not bool(pos.any()) or bool(pos.all()):
+        return float("nan")
+    need = math.ceil(1.0 / fpr - 1e-9) if min_negatives is None else int(min_negatives)
+    if int((~pos).sum()) < need:
         return float("nan")
     neg_sorted = torch.sort(s[~pos], descending=True).values
     k = int(math.floor(fpr * neg_sorted.numel() + 1e-9))  # negatives allowed above the threshold
     thr = neg_sorted[k] if k < neg_sorted.numel() else torch.tensor(-math.inf, dtype=torch.float64)
     return float((s[pos] > thr).double().mean())
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean of the defined values; NaN (not a warning) when none is defined, e.g. recall with too few negatives."""
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
 
 
 def binary_metrics(scores: Float[Tensor, " n"], y: Int[Tensor, " n"], threshold: float = 0.0) -> dict[str, float]:
@@ -120,11 +136,11 @@ def _metrics(scores: Tensor, y: Tensor) -> dict[str, float]:
 
 
 def check_finite(X: Tensor, what: str) -> None:
-    """An AnalysisError naming ``what`` when ``X`` holds NaN or inf."""
+    """A ProbeInputError (an AnalysisError and a ValueError) naming ``what`` when ``X`` holds NaN or inf."""
     bad = ~torch.isfinite(X)
     if bool(bad.any()):
         rows = int(bad.reshape(X.shape[0], -1).any(1).sum()) if X.dim() > 1 else int(bad.sum())
-        raise AnalysisError(
+        raise ProbeInputError(
             f"{what}: {rows} row(s) contain NaN or inf activations; recapture in float32 or bfloat16, or pass "
             "rows= without them"
         )
@@ -156,10 +172,24 @@ def use_preconditioner(setting: bool | str, H: int, d: int, n_rows: int, n_group
     return precondition_worthwhile(H, d, n_rows, n_groups, device) if setting == "auto" else bool(setting)
 
 
+def preconditioner(
+    setting: bool | str, X: Tensor, weights: Tensor, mean: Tensor, scale: Tensor, n_groups: int
+) -> dict[str, Tensor | None]:
+    """``fit_logistic``'s preconditioner arguments: the rows of the covariance estimate when they are fewer than
+    ``d`` (``precond_rows``), else the covariance (``precond``), or neither (see :func:`use_preconditioner`)."""
+    H, N, d = X.shape
+    if not use_preconditioner(setting, H, d, int((weights > 0).sum()), n_groups, X.device):
+        return {}
+    rows = feature_rows(X, weights, mean, scale)
+    if rows is not None:
+        return {"precond_rows": rows}
+    return {"precond": feature_covariance(X, weights, mean, scale)}
+
+
 # ----------------------------------------------------------------------------------------------- LinearProbe
 
 
-class LinearProbe:
+class LinearProbe(EstimatorProtocol):
     """L2-regularised logistic regression on standardised features, with scikit-learn's estimator API.
 
     ``LinearProbe(C=1.0).fit(X, y)`` minimises ``sum_n BCE + ||w||^2 / (2C)`` on ``(X - mean_) / scale_`` (the
@@ -169,8 +199,20 @@ class LinearProbe:
     Fitted attributes: ``classes_``, ``coef_`` ``[1 or n_classes, d]`` and ``intercept_`` in raw activation
     space (``decision_function(X) = X @ coef_.T + intercept_``), ``coef_standardized_`` /
     ``intercept_standardized_`` (the weights on standardised features, comparable to scikit-learn fit on
-    standardised data), ``mean_``, ``scale_``, ``n_iter_``, ``converged_``, ``n_features_in_``.
+    standardised data), ``mean_``, ``scale_``, ``n_iter_``, ``converged_``, ``n_features_in_`` (and
+    ``feature_names_in_`` after a fit on a pandas frame with string column names).
+
+    It follows scikit-learn's estimator protocol (:mod:`interp.probes.estimator`) without importing it: it
+    works in ``clone``, ``Pipeline``, ``cross_val_score``, ``GridSearchCV`` and passes ``check_estimator``.
+    Bad input raises :class:`~interp.probes.estimator.ProbeInputError`, an ``InterpError`` and a ``ValueError``.
+
+    A feature that is (numerically) constant on the training rows (see :func:`~interp.probes.solver.column_stats`:
+    a standard deviation below 1e-6 of the typical feature's scale, as float32 rounding jitter is) gets
+    ``scale_ = inf`` and weight exactly 0, instead of a weight that blows its jitter up to a unit feature.
     """
+
+    _PARAMS = _PARAMS
+    hook: str | None = None  # set by train_probes and load: a class default, so __init__ stores parameters only
 
     def __init__(
         self,
@@ -189,71 +231,56 @@ class LinearProbe:
         self.device = device
         self.standardize = standardize
         self.precondition = precondition
-        self.hook: str | None = None
-        self.provenance: dict[str, Any] = {}
 
-    # ---- sklearn plumbing
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in _PARAMS}
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What the probe was made from (store, hook, label, ...); empty for a probe fit by hand."""
+        if "_provenance" not in self.__dict__:
+            self._provenance: dict[str, Any] = {}
+        return self._provenance
 
-    def set_params(self, **params: Any) -> LinearProbe:
-        for k, v in params.items():
-            if k not in self.get_params():
-                raise ConfigError(f"LinearProbe has no parameter {k!r}; valid: {', '.join(self.get_params())}")
-            setattr(self, k, v)
-        return self
+    @provenance.setter
+    def provenance(self, value: dict[str, Any]) -> None:
+        self._provenance = dict(value)
 
     def __repr__(self) -> str:
         fitted = f", hook={self.hook!r}" if self.hook else ""
         return f"LinearProbe(C={self.C}{fitted})"
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            raise AnalysisError("this LinearProbe is not fitted yet; call fit(X, y) first")
-
-    @staticmethod
-    def _as_x(X: Any) -> tuple[Tensor, bool]:
-        is_np = not isinstance(X, Tensor)
-        t = torch.from_numpy(np.ascontiguousarray(X)) if is_np else X.detach()
-        if t.dim() != 2:
-            raise AnalysisError(f"X must be [n_rows, d_model], got shape {list(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            t = t.float()
-        return t, is_np
-
     # ---- fit
     def fit(self, X: Float[Tensor, "n d"] | np.ndarray, y: Any, sample_weight: Any = None) -> LinearProbe:
         """Fit on rows ``X`` with labels ``y`` (any values; two or more classes). Returns ``self``."""
-        Xt, _ = self._as_x(X)
+        Xt, _ = self._validate_x(X, reset=True)
+        y_np = self._validate_y(y, Xt.shape[0])
+        sw = validate_sample_weight(sample_weight, Xt.shape[0])
         dev = resolve_device(self.device, Xt.device)
         Xt = Xt.to(dev)
+        if Xt.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            Xt = Xt.float()
         check_finite(Xt, "X")
-        y_np = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
-        y_np = y_np.reshape(-1)
-        if y_np.shape[0] != Xt.shape[0]:
-            raise AnalysisError(f"X has {Xt.shape[0]} rows but y has {y_np.shape[0]} labels")
         classes, y_idx = np.unique(y_np, return_inverse=True)
-        if classes.size < 2:
-            raise AnalysisError(f"y has a single class ({classes.tolist()}): a probe needs at least two classes")
+        if not bool((sw > 0).any()):
+            raise ProbeInputError("sample_weight is all zero: at least one row needs a positive weight")
+        present = np.unique(y_idx[sw.numpy() > 0])
+        if present.size < 2:
+            raise ProbeInputError(
+                f"y has a single class ({classes[present].tolist()}) among the rows with positive weight: a probe "
+                "needs more than one class"
+            )
         n = Xt.shape[0]
-        sw = torch.ones(n) if sample_weight is None else _as_1d(sample_weight, torch.float32)
-        if sw.numel() != n or bool((sw < 0).any()):
-            raise AnalysisError("sample_weight must be one non-negative weight per row")
         yi = torch.from_numpy(y_idx.astype(np.int64))
         K = classes.size
         Y = (yi[None] == (torch.arange(K)[:, None] if K > 2 else torch.ones(1, 1, dtype=torch.int64))).float()
         S = sw[None].expand(Y.shape[0], n).contiguous()
         X3 = Xt.unsqueeze(0)
         if self.standardize:
-            mean, scale = column_stats(X3, S[:1].to(dev))
+            mean, scale = column_stats(X3, S[:1].to(dev), constant_scale=math.inf)
         else:
             mean = torch.zeros(1, 1, Xt.shape[1], device=dev)
             scale = torch.ones(1, 1, Xt.shape[1], device=dev)
-        cov = None
-        if use_preconditioner(self.precondition, 1, Xt.shape[1], n, 1, dev):
-            cov = feature_covariance(X3, S[0], mean[:, 0], scale[:, 0])
+        pre = preconditioner(self.precondition, X3, S[0], mean[:, 0], scale[:, 0], 1)
         res = fit_logistic(
-            X3, Y, S, float(self.C), mean=mean, scale=scale, precond=cov, max_iter=self.max_iter, tol=self.tol,
+            X3, Y, S, float(self.C), mean=mean, scale=scale, **pre, max_iter=self.max_iter, tol=self.tol,
             backend=self.backend,
         )
         W, b = res.effective(mean, scale)
@@ -285,27 +312,27 @@ class LinearProbe:
 
     # ---- predict
     def decision_function(self, X: Float[Tensor, "n d"] | np.ndarray) -> Any:
-        """Logits: ``[n]`` for two classes (positive = ``classes_[1]``), ``[n, n_classes]`` one-vs-rest."""
+        """Logits: ``[n]`` for two classes (positive = ``classes_[1]``), ``[n, n_classes]`` one-vs-rest.
+
+        Tensors are scored in float32 chunks on their device (never upcast whole); arrays in float64 numpy.
+        """
         self._check_fitted()
-        Xt, is_np = self._as_x(X)
-        if Xt.shape[1] != self.n_features_in_:
-            raise AnalysisError(f"X has {Xt.shape[1]} features but the probe was fit on {self.n_features_in_}")
+        Xt, is_np = self._validate_x(X, reset=False)
         check_finite(Xt, "X")
+        if is_np:
+            z = Xt.numpy().astype(np.float64, copy=False) @ self.coef_.double().numpy().T
+            z = z + self.intercept_.double().numpy()
+            return z[:, 0] if z.shape[1] == 1 else z
         z = linear_scores(Xt.unsqueeze(0), self.coef_[None].to(Xt.device), self.intercept_[None].to(Xt.device))[0]
         z = z.T  # [n, k]
-        out = z[:, 0] if z.shape[1] == 1 else z
-        return out.cpu().numpy() if is_np else out
+        return z[:, 0] if z.shape[1] == 1 else z
 
     def predict_proba(self, X: Float[Tensor, "n d"] | np.ndarray) -> Any:
         """Class probabilities ``[n, n_classes]`` (one-vs-rest sigmoids normalised to sum to 1)."""
         z = self.decision_function(X)
-        t = torch.as_tensor(z).float()
-        if t.dim() == 1:
-            p = torch.sigmoid(t)
-            out = torch.stack([1 - p, p], 1)
-        else:
-            p = torch.sigmoid(t)
-            out = p / p.sum(1, keepdim=True).clamp_min(1e-30)
+        t = torch.as_tensor(z)
+        p = torch.sigmoid(t if t.dtype == torch.float64 else t.float())
+        out = torch.stack([1 - p, p], 1) if t.dim() == 1 else p / p.sum(1, keepdim=True).clamp_min(1e-30)
         return out.numpy() if isinstance(z, np.ndarray) else out
 
     def predict(self, X: Float[Tensor, "n d"] | np.ndarray) -> Any:
@@ -319,15 +346,13 @@ class LinearProbe:
         return torch.from_numpy(values).to(t.device)
 
     def score(self, X: Float[Tensor, "n d"] | np.ndarray, y: Any, sample_weight: Any = None) -> float:
-        """Mean accuracy on ``(X, y)``."""
+        """Mean accuracy on ``(X, y)`` (weighted by ``sample_weight``)."""
         pred = self.predict(X)
         pred = pred.cpu().numpy() if isinstance(pred, Tensor) else np.asarray(pred)
-        y_np = (y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)).reshape(-1)
-        hit = (pred == y_np).astype(np.float64)
-        if sample_weight is None:
-            return float(hit.mean())
-        w = _as_1d(sample_weight, torch.float64).numpy()
-        return float((hit * w).sum() / w.sum())
+        y_np = self._validate_y(y, pred.shape[0])
+        hit = torch.from_numpy((pred == y_np).astype(np.float64))
+        w = validate_sample_weight(sample_weight, hit.numel()).double()
+        return float((hit * w).sum() / w.sum().clamp_min(1e-300))
 
     def metrics(self, X: Float[Tensor, "n d"] | np.ndarray, y: Any) -> dict[str, float]:
         """``accuracy``, ``auroc``, ``recall_at_1pct_fpr`` on ``(X, y)`` (one-vs-rest macro for many classes)."""
@@ -457,10 +482,14 @@ class ProbeSweep:
         return pd.DataFrame(self.rows)
 
     def plot(self, title: str | None = None):
-        """Plotly figure: accuracy and AUROC per layer, train vs held-out (and test when there is one)."""
+        """Plotly figure: accuracy and AUROC per layer, train vs held-out (and test when there is one), with 95%
+        intervals, the C each layer kept, and CV accuracy for every C of the grid."""
+        import pandas as pd
+
         from interp import plots
 
-        return plots.probe_sweep_figure(self.to_frame(), title=title or f"Probe sweep: {self.label}")
+        return plots.probe_sweep_figure(self.to_frame(), title=title, cv_frame=pd.DataFrame(self.cv_results),
+                                        config=self.config, provenance=self.provenance, label=self.label)
 
     def table(self) -> str:
         """A fixed-width text table of the per-hook metrics (what the CLI prints)."""
@@ -468,7 +497,7 @@ class ProbeSweep:
         head = f"{'hook':<28} {'layer':>5} {'C':>8} {'train acc':>9} {'held-out acc':>14} {'AUROC':>6} {'R@1%FPR':>7}"
         head += f" {'test acc':>8}" if has_test else ""
         lines = [head]
-        fmt = lambda v: "  nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+        fmt = lambda v: "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
         for r in self.rows:
             std = r.get("heldout_accuracy_std")
             acc = fmt(r["heldout_accuracy"]) + (f"±{std:.3f}" if std is not None and not math.isnan(std) else "      ")
@@ -480,6 +509,9 @@ class ProbeSweep:
             if has_test:
                 line += f" {fmt(r.get('test_accuracy')):>8}"
             lines.append(line + ("  <- best" if r["hook"] == self.best_hook else ""))
+        if any(isinstance(r.get("heldout_recall_at_1pct_fpr"), float) and math.isnan(r["heldout_recall_at_1pct_fpr"])
+               for r in self.rows):
+            lines.append("R@1%FPR n/a: fewer than 100 held-out negatives, too few to observe a 1% false-positive rate")
         return "\n".join(lines)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -637,9 +669,10 @@ def _load_hooks(
 
 
 def _check_stats_finite(X: Tensor, hooks: list[str], *stats: Tensor) -> None:
-    """NaN/inf anywhere in ``X`` makes its column statistics non-finite (0 * inf is NaN): check those, and
-    only on failure look for the offending hook, so that finite data costs no extra pass."""
-    if all(bool(torch.isfinite(t).all()) for t in stats):
+    """NaN/inf anywhere in ``X`` makes its column statistics NaN (:func:`column_stats`; an infinite scale
+    marks a constant feature): check those, and only on failure look for the offending hook, so that finite
+    data costs no extra pass."""
+    if not any(bool(t.isnan().any()) for t in stats):
         return
     for i, h in enumerate(hooks):
         check_finite(X[i], f"hook {h}")
@@ -759,16 +792,16 @@ def train_probes(
     n_masks = len(masks)
     # standardisation statistics per training-row mask (shared by its class columns), plus one over every row
     # so that a NaN/inf anywhere is caught without a separate pass
-    mean_m, scale_m = column_stats(X, torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev))
+    mean_m, scale_m = column_stats(
+        X, torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev), constant_scale=math.inf
+    )
     _check_stats_finite(X, hook_names, mean_m, scale_m)
     mean_m, scale_m = mean_m[:, :-1], scale_m[:, :-1]
     sel = torch.arange(P) // cols % n_masks
     mean, scale = mean_m[:, sel], scale_m[:, sel]
-    cov = None
-    if use_preconditioner(precondition, H, store.d_model, int(in_fit.sum()), len(Cs), dev):
-        cov = feature_covariance(X, masks[-1].float(), mean_m[:, -1], scale_m[:, -1])
+    pre = preconditioner(precondition, X, masks[-1].float(), mean_m[:, -1], scale_m[:, -1], len(Cs))
     res = fit_logistic(
-        X, Y, S, Cvec, mean=mean, scale=scale, precond=cov, max_iter=max_iter, tol=tol, backend=backend,
+        X, Y, S, Cvec, mean=mean, scale=scale, **pre, max_iter=max_iter, tol=tol, backend=backend,
         progress=progress, desc=f"probes ({H} hooks x {P} problems)",
     )
     W, b = res.effective(mean, scale)
@@ -801,8 +834,8 @@ def train_probes(
                     held = fold == f
                     ho.append(_metrics(z[held], y_used[held]))
                 for name in ("accuracy", "auroc", "recall_at_1pct_fpr"):
-                    entry[f"train_{name}"] = float(np.nanmean([m[name] for m in tr]))
-                    entry[f"heldout_{name}"] = float(np.nanmean([m[name] for m in ho]))
+                    entry[f"train_{name}"] = _nanmean([m[name] for m in tr])
+                    entry[f"heldout_{name}"] = _nanmean([m[name] for m in ho])
                 entry["heldout_accuracy_std"] = float(np.std([m["accuracy"] for m in ho]))
             zf = scores_of(h, ci, n_masks - 1)
             final_train = _metrics(zf[in_fit], y_used[in_fit])

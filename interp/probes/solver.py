@@ -35,7 +35,14 @@ Why L-BFGS, and this variant
   gradients only, which stay accurate in float32 when losses differ in their last digits). A rejected trial
   is shortened by secant interpolation of the directional derivative. Problems converge independently;
   hooks whose problems have all converged are no longer evaluated.
-* Memory ``m = 20`` pairs (sklearn/scipy use 10): the two-loop recursion is cheap next to a pass.
+* Memory ``m = 20`` pairs (sklearn/scipy use 10), kept in one ring of ``m`` slots shared by all problems and
+  written in place: a problem that stores no pair in a round gets a pair with ``rho = 0`` there, which the
+  two-loop recursion skips exactly (it only shortens that problem's memory). The recursion runs over the
+  slots written so far, and the initial matrix is applied once per iteration, to the recursion's vector and
+  the new pairs' ``y`` (for the scale ``gamma``) together; with several values of C laid out in contiguous
+  blocks (as ``train_probes`` does), that is one batched product. On small problems (a few hundred rows) this
+  bookkeeping, not the passes, is the cost of a sweep; so problems (columns) whose every hook has converged
+  leave the batch once they are half of it, and the last slow problems iterate alone.
 * Accumulation is float32 (the kernel's), the L-BFGS state is float32; the stopping test (largest entry of
   the sample-averaged gradient <= ``tol``, as sklearn's lbfgs) uses gradients only.
 
@@ -45,6 +52,7 @@ Besides the optimiser, :func:`column_stats` (the standardisation statistics) and
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -89,6 +97,17 @@ def effective_weights(
     return v, bb
 
 
+def _runs_of_values(v: Tensor) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(start, stop, value)`` of equal values in a 1-D integer tensor."""
+    out: list[tuple[int, int, int]] = []
+    for i, x in enumerate(v.tolist()):
+        if out and out[-1][2] == x:
+            out[-1] = (out[-1][0], i + 1, x)
+        else:
+            out.append((i, i + 1, x))
+    return out
+
+
 def _runs(mask: Tensor) -> list[tuple[int, int]]:
     """Contiguous runs ``[start, stop)`` of True in a 1-D bool tensor."""
     out: list[tuple[int, int]] = []
@@ -114,6 +133,7 @@ def fit_logistic(
     scale: Float[Tensor, "H P d"] | None = None,
     proj: Float[Tensor, "d d"] | None = None,
     precond: Float[Tensor, "H d d"] | None = None,
+    precond_rows: Float[Tensor, "H n d"] | None = None,
     max_iter: int = 500,
     tol: float = 1e-4,
     memory: int = 20,
@@ -130,7 +150,9 @@ def fit_logistic(
     ``precond``, each hook's feature covariance ``Sigma`` in solver coordinates (:func:`feature_covariance`,
     times ``Pm`` on both sides with a projection), makes the L-BFGS initial matrix the inverse Hessian of the
     objective at ``w = 0``: ``(Sigma / 4 + I / (C sw))^-1`` for the weights (one inverse per hook and value of
-    C, with the median ``sw``) and 4 for the intercept.
+    C, with the median ``sw``) and 4 for the intercept. ``precond_rows`` ``Z`` instead gives ``Sigma = Z^T Z`` by
+    ``n < d`` rows (:func:`feature_rows`): the inverses are then ``n x n`` (Woodbury identity), cheaper to make
+    and to apply.
     """
     if X.dim() != 3:
         raise AnalysisError(f"fit_logistic needs X of shape [H, N, d], got {list(X.shape)}")
@@ -157,29 +179,77 @@ def fit_logistic(
     scale = None if scale is None else scale.to(dev, f32).expand(H, P, d)
     proj = None if proj is None else proj.to(dev, f32)
     inv_sw = (1.0 / sw)[None, :]  # [1, P]
-    if precond is not None:
-        cov = precond.to(dev, f32)
+    make_apply = None
+    if precond is not None or precond_rows is not None:
         c_values, group = torch.unique(Cv, return_inverse=True)  # one inverse per value of C
-        eye = torch.eye(d, device=dev, dtype=f32)
-        inverses = []
-        for gi in range(c_values.numel()):
-            lam_g = float(lam[group == gi].median())
-            L = torch.linalg.cholesky(0.25 * cov + lam_g * eye)
-            inverses.append(torch.cholesky_inverse(L))
-        Minv = torch.stack(inverses, 1)  # [H, G, d, d]
-        single = c_values.numel() == 1
+        G = c_values.numel()
+        lam_g = torch.stack([lam[group == gi].median() for gi in range(G)])  # [G]
+        if precond_rows is not None:  # Sigma = Z^T Z of rank n < d: invert n x n matrices (Woodbury)
+            Z = precond_rows.to(dev, f32)  # [H, n, d]
+            Zt = Z.transpose(1, 2)  # [H, d, n]
+            eye = torch.eye(Z.shape[1], device=dev, dtype=f32)
+            gram = torch.bmm(Z, Z.transpose(1, 2))  # [H, n, n]
+            inverses = torch.stack(
+                [torch.cholesky_inverse(torch.linalg.cholesky(gram + 4.0 * float(lam_g[gi]) * eye)) for gi in range(G)],
+                1,
+            )  # [H, G, n, n]
+
+            def solve(x: Tensor, inv: Tensor, lam_b: Tensor) -> Tensor:
+                """``x (Sigma / 4 + lam I)^-1`` = ``(x - x Z^T (4 lam I + Z Z^T)^-1 Z) / lam`` for ``x`` [H, B, R, d]."""
+                _, B, R, _ = x.shape
+                u = torch.bmm(x.reshape(H, B * R, d), Zt).reshape(H, B, R, -1)  # [H, B, R, n]
+                v = torch.matmul(u, inv).reshape(H, B * R, -1)
+                return (x - torch.bmm(v, Z).reshape(H, B, R, d)) / lam_b[None, :, None, None]
+
+        else:
+            cov = precond.to(dev, f32)  # type: ignore[union-attr]
+            eye = torch.eye(d, device=dev, dtype=f32)
+            inverses = torch.stack(
+                [torch.cholesky_inverse(torch.linalg.cholesky(0.25 * cov + float(lam_g[gi]) * eye)) for gi in range(G)],
+                1,
+            )  # [H, G, d, d]
+
+            def solve(x: Tensor, inv: Tensor, lam_b: Tensor) -> Tensor:
+                """``x (Sigma / 4 + lam I)^-1`` for ``x`` [H, B, R, d], block ``b`` with the inverse ``inv[:, b]``."""
+                return torch.matmul(x, inv)
+
+        def make_apply(group: Tensor):
+            """``q -> q (Sigma / 4 + lam I)^-1`` on the weights of the problems whose values of C are ``group``."""
+            Pc = group.numel()
+            blocks = _runs_of_values(group)
+            if len({hi - lo for lo, hi, _ in blocks}) == 1:
+                # contiguous blocks of problems of the same size (train_probes' layout: one block per value of
+                # C): one batched product for all problems, blocks as a batch dimension
+                gids = [gid for _, _, gid in blocks]
+                B, Pb = len(blocks), Pc // len(blocks)
+                inv_b, lam_b = inverses[:, gids].contiguous(), lam_g[gids]
+
+                def apply_w(qw: Tensor) -> Tensor:
+                    L_ = qw.numel() // (H * Pc * d)
+                    x = qw.reshape(L_, H, B, Pb, d).permute(1, 2, 0, 3, 4).reshape(H, B, L_ * Pb, d)
+                    out = solve(x, inv_b, lam_b)
+                    return out.reshape(H, B, L_, Pb, d).permute(2, 0, 1, 3, 4).reshape(qw.shape)
+
+                return apply_w
+
+            def apply_w(qw: Tensor) -> Tensor:
+                out = torch.empty_like(qw)
+                L_ = qw.numel() // (H * Pc * d)
+                q3, o3 = qw.reshape(L_, H, Pc, d), out.reshape(L_, H, Pc, d)
+                for gi in torch.unique(group).tolist():
+                    m = group == gi
+                    x = q3[:, :, m].permute(1, 0, 2, 3).reshape(H, 1, -1, d)
+                    y = solve(x, inverses[:, gi : gi + 1], lam_g[gi : gi + 1])
+                    o3[:, :, m] = y.reshape(H, L_, -1, d).permute(1, 0, 2, 3)
+                return out
+
+            return apply_w
+
+        apply_w = make_apply(group)
 
         def apply_h0(q: Tensor) -> Tensor:
-            """Inverse of the Hessian at w = 0 (the quadratic model) applied to ``q`` [H, P, d + 1]."""
-            qw = q[..., :d]
-            if single:
-                out = torch.bmm(qw, Minv[:, 0])
-            else:
-                out = torch.empty_like(qw)
-                for gi in range(c_values.numel()):
-                    m = group == gi
-                    out[:, m] = torch.bmm(qw[:, m], Minv[:, gi])
-            return torch.cat([out, 4.0 * q[..., d:]], dim=-1)
+            """Inverse of the Hessian at w = 0 (the quadratic model) applied to ``q`` [..., H, P, d + 1]."""
+            return torch.cat([apply_w(q[..., :d]), 4.0 * q[..., d:]], dim=-1)
 
     else:
 
@@ -213,17 +283,30 @@ def fit_logistic(
     gmax = g.abs().amax(-1)
     active = gmax > tol
     n_iter = torch.zeros(H, P, dtype=torch.int64, device=dev)
+    # (s, y) pairs in a ring of ``memory`` slots shared by all problems: a round in which a problem stores no
+    # pair leaves rho = 0 in its part of the slot, a pair that does nothing in the two-loop recursion
     S_hist = torch.zeros(memory, H, P, D, device=dev, dtype=f32)
     Y_hist = torch.zeros_like(S_hist)
     rho = torch.zeros(memory, H, P, device=dev, dtype=f32)
+    slot, filled = 0, 0  # next slot to write, slots written so far (at most memory)
+    gamma = torch.ones(H, P, device=dev, dtype=f32)  # scale of the initial matrix: s.y / y.H0 y of the last pair
+    has_hist = torch.zeros(H, P, dtype=torch.bool, device=dev)
     gnorm = g.norm(dim=-1).clamp_min(1e-12)
     direction = -apply_h0(g)
-    alpha = torch.ones_like(gnorm) if precond is not None else (1.0 / gnorm).clamp(max=1.0)
+    preconditioned = precond is not None or precond_rows is not None
+    alpha = torch.ones_like(gnorm) if preconditioned else (1.0 / gnorm).clamp(max=1.0)
     dphi0 = (g * direction).sum(-1)
     fails = torch.zeros(H, P, dtype=torch.int64, device=dev)
     stalled = torch.zeros(H, P, dtype=torch.bool, device=dev)
     f_t = f.clone()
     g_t = g.clone()
+
+    def forget(which: Tensor) -> None:
+        """Drop the quasi-Newton memory of the problems in ``which``."""
+        nonlocal rho, gamma, has_hist
+        rho = rho * (~which)[None]
+        gamma = torch.where(which, torch.ones_like(gamma), gamma)
+        has_hist = has_hist & ~which
 
     bar = None
     if progress:
@@ -232,7 +315,35 @@ def fit_logistic(
         bar = tqdm(total=max_iter, desc=desc, leave=False)
     last_max_iter = 0
     max_passes = 4 * max_iter + 20
+    # results per original problem; columns (problems) whose every hook has converged leave the batch once
+    # they are half of it, so that the last, slow problems do not carry the bookkeeping of the finished ones
+    cols = torch.arange(P, device=dev)
+    done = {"theta": theta.clone(), "f": f.clone(), "gmax": gmax.clone(), "n_iter": n_iter.clone(),
+            "stalled": stalled.clone()}
+
+    def settle(which: Tensor) -> None:
+        """Write the state of the batch columns ``which`` into the results."""
+        for name, t in (("theta", theta), ("f", f), ("gmax", gmax), ("n_iter", n_iter), ("stalled", stalled)):
+            done[name][:, cols[which]] = t[:, which]
+
     while bool(active.any()) and n_passes < max_passes:
+        live = active.any(0)
+        n_live = int(live.sum())
+        if n_live <= cols.numel() // 2:
+            settle(~live)
+            k = torch.nonzero(live).flatten()
+            cols = cols[k]
+            theta, f, g, f_t, g_t, gmax, active, n_iter, gamma, has_hist, direction, alpha, dphi0, fails, stalled = (
+                t[:, k] for t in (theta, f, g, f_t, g_t, gmax, active, n_iter, gamma, has_hist, direction, alpha,
+                                  dphi0, fails, stalled)
+            )
+            S_hist, Y_hist, rho = S_hist[:, :, k], Y_hist[:, :, k], rho[:, :, k]
+            Y, S, lam, inv_sw = Y[k], S[k], lam[k], inv_sw[:, k]
+            mean = None if mean is None else mean[:, k]
+            scale = None if scale is None else scale[:, k]
+            if make_apply is not None:
+                group = group[k]
+                apply_w = make_apply(group)
         step = torch.where(active, alpha, torch.zeros_like(alpha))[..., None] * direction
         trial = theta + step
         hooks = active.any(dim=1).cpu()
@@ -248,11 +359,13 @@ def fit_logistic(
             yv = g_t - g
             sy = (s * yv).sum(-1)
             good = accept & (sy > 1e-10 * s.norm(dim=-1) * yv.norm(dim=-1)) & (sy > 0)
-            if bool(good.any()):
-                gm = good[None, ..., None]
-                S_hist = torch.where(gm, torch.cat([S_hist[1:], s[None]]), S_hist)
-                Y_hist = torch.where(gm, torch.cat([Y_hist[1:], yv[None]]), Y_hist)
-                rho = torch.where(good[None], torch.cat([rho[1:], (1.0 / sy.clamp_min(1e-30))[None]]), rho)
+            stored = bool(good.any())
+            if stored:
+                gm = good[..., None]
+                S_hist[slot] = s * gm
+                Y_hist[slot] = yv * gm
+                rho[slot] = torch.where(good, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
+                slot, filled = (slot + 1) % memory, min(filled + 1, memory)
             am = accept[..., None]
             theta = torch.where(am, trial, theta)
             f = torch.where(accept, f_t, f)
@@ -261,28 +374,33 @@ def fit_logistic(
             fails = torch.where(accept, torch.zeros_like(fails), fails)
             gmax = torch.where(accept, g.abs().amax(-1), gmax)
             active = active & ~(accept & (gmax <= tol)) & (n_iter < max_iter)
-            # new quasi-Newton direction (two-loop recursion; empty slots have rho = 0 and do nothing)
+            # new quasi-Newton direction: two-loop recursion over the written slots, newest first
+            order = [(slot - 1 - i) % memory for i in range(filled)]
             q = g.clone()
-            a = torch.zeros(memory, H, P, device=dev, dtype=f32)
-            for i in range(memory - 1, -1, -1):
-                a[i] = rho[i] * (S_hist[i] * q).sum(-1)
-                q = q - a[i][..., None] * Y_hist[i]
-            ys, yy = 1.0 / rho[-1].clamp_min(1e-30), (Y_hist[-1] * apply_h0(Y_hist[-1])).sum(-1)
-            has_hist = rho[-1] > 0
-            gamma = torch.where(has_hist, ys / yy.clamp_min(1e-30), torch.ones_like(ys))
-            r = gamma[..., None] * apply_h0(q)
-            for i in range(memory):
-                beta = rho[i] * (Y_hist[i] * r).sum(-1)
-                r = r + (a[i] - beta)[..., None] * S_hist[i]
+            a = []
+            for i in order:
+                ai = rho[i] * torch.linalg.vecdot(S_hist[i], q)
+                q.addcmul_(ai[..., None], Y_hist[i], value=-1.0)
+                a.append(ai)
+            if stored:  # H0 on q and, for gamma, on the new pairs' y: one product
+                Hy, Hq = apply_h0(torch.stack([yv, q]))
+                yy = (yv * Hy).sum(-1)
+                gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
+                has_hist = has_hist | good
+            else:
+                Hq = apply_h0(q)
+            r = gamma[..., None] * Hq
+            for i, ai in zip(reversed(order), reversed(a)):
+                beta = rho[i] * torch.linalg.vecdot(Y_hist[i], r)
+                r.addcmul_((ai - beta)[..., None], S_hist[i])
             new_dir = -r
             new_dphi = (g * new_dir).sum(-1)
             bad = new_dphi >= 0  # not a descent direction (numerical trouble): restart from the initial matrix
-            new_dir = torch.where(bad[..., None], -apply_h0(g), new_dir)
-            first = torch.ones_like(alpha) if precond is not None else 1.0 / g.norm(dim=-1).clamp_min(1e-12)
-            new_alpha = torch.where(has_hist & ~bad, torch.ones_like(alpha), first)
             if bool((accept & bad).any()):
-                keep = ~(accept & bad)
-                rho = rho * keep[None]
+                new_dir = torch.where(bad[..., None], -apply_h0(g), new_dir)
+                forget(accept & bad)
+            first = torch.ones_like(alpha) if preconditioned else 1.0 / g.norm(dim=-1).clamp_min(1e-12)
+            new_alpha = torch.where(has_hist & ~bad, torch.ones_like(alpha), first)
             direction = torch.where(am, new_dir, direction)
             alpha = torch.where(accept, new_alpha, alpha)
             dphi0 = torch.where(accept, (g * direction).sum(-1), dphi0)
@@ -296,7 +414,7 @@ def fit_logistic(
             fails = fails + reject.long()
             restart = reject & (fails == 25)
             if bool(restart.any()):  # the quasi-Newton model is useless here: forget it, go steepest descent
-                rho = rho * (~restart)[None]
+                forget(restart)
                 direction = torch.where(restart[..., None], -g, direction)
                 alpha = torch.where(restart, 1.0 / g.norm(dim=-1).clamp_min(1e-12), alpha)
                 dphi0 = torch.where(restart, (g * direction).sum(-1), dphi0)
@@ -310,6 +428,8 @@ def fit_logistic(
             bar.set_postfix(active=int(active.sum()), passes=n_passes)
     if bar is not None:
         bar.close()
+    settle(torch.ones(cols.numel(), dtype=torch.bool, device=dev))
+    theta, f, gmax, n_iter, stalled = (done[k] for k in ("theta", "f", "gmax", "n_iter", "stalled"))
     converged = gmax <= tol
     # a stalled line search at float32 precision with a tiny gradient is as good as it gets
     converged |= stalled & (gmax <= 100 * tol)
@@ -333,12 +453,18 @@ def fit_logistic(
 
 
 def column_stats(
-    X: Float[Tensor, "H N d"], S: Float[Tensor, "P N"], chunk: int = 8192
+    X: Float[Tensor, "H N d"], S: Float[Tensor, "P N"], chunk: int = 8192, constant_scale: float = 1.0
 ) -> tuple[Float[Tensor, "H P d"], Float[Tensor, "H P d"]]:
     """Weighted per-feature mean and standard deviation of every hook for every weight row ``S[p]``.
 
-    One chunked pass over ``X`` (each chunk upcast to float32, never the whole matrix). Features with
-    (near-)zero variance get a standard deviation of 1, as scikit-learn's ``StandardScaler`` does.
+    One chunked pass over ``X`` (each chunk upcast to float32, never the whole matrix). A feature is
+    (numerically) constant when its standard deviation is at most ``1e-5`` times its own mean or ``1e-6``
+    times the hook's typical feature scale (the median over features of ``sqrt(E[x^2])``): residual-stream
+    features that never vary still jitter at the float32 rounding level of the computation that made them
+    (~1e-9 on a stream of scale ~0.3), and standardising that jitter would make it a feature like any other.
+    Such a feature's standard deviation is reported as ``constant_scale``: 1 leaves it unscaled (as
+    scikit-learn's ``StandardScaler``); ``math.inf`` makes its standardised value 0, so a probe gives it
+    weight exactly 0. Statistics that overflow float32 (or come from NaN/inf activations) are NaN.
     """
     H, N, d = X.shape
     S = S.to(X.device, torch.float32)
@@ -355,11 +481,11 @@ def column_stats(
     m1 = s1 / sw
     var = (s2 / sw - m1 * m1).clamp_min(0.0)
     mean = m1 + shift
-    # constant features (variance at the float32 rounding level of the values) are left unscaled
-    tiny = var <= 1e-10 * (mean * mean).clamp_min(1e-30)
-    tiny |= var == 0
-    std = torch.where(tiny, torch.ones_like(var), var.sqrt())
-    return mean, std
+    typical = (var + mean * mean).median(-1, keepdim=True).values  # [H, P, 1]: the median feature's E[x^2]
+    tiny = (var <= 1e-10 * mean * mean) | (var <= 1e-12 * typical) | (var == 0)
+    std = torch.where(tiny, torch.full_like(var, constant_scale), var.sqrt())
+    ok = torch.isfinite(var) & torch.isfinite(mean)
+    return mean, torch.where(ok, std, torch.full_like(std, math.nan))
 
 
 def linear_scores(
@@ -372,8 +498,6 @@ def linear_scores(
     for lo in range(0, N, chunk):
         out[:, :, lo : lo + chunk] = torch.einsum("hnd,hpd->hpn", X[:, lo : lo + chunk].float(), W)
     return out + b.to(X.device, torch.float32)[..., None]
-
-
 
 
 def feature_covariance(
@@ -390,16 +514,42 @@ def feature_covariance(
     read, in float32 chunks (``X`` is not copied whole).
     """
     H, N, d = X.shape
+    rows = _covariance_rows(weights, max_rows).to(X.device)
+    cov = torch.zeros(H, d, d, device=X.device)
+    for lo in range(0, rows.numel(), chunk):
+        xc = _standardised(X, rows[lo : lo + chunk], mean, scale)
+        cov += torch.bmm(xc.transpose(1, 2), xc)
+    return cov / max(1, rows.numel())
+
+
+def _standardised(X: Tensor, rows: Tensor, mean: Tensor, scale: Tensor) -> Float[Tensor, "H n d"]:
+    """``(X[:, rows] - mean) / scale`` in float32 (``mean``/``scale`` per hook, any shape ending in ``d``)."""
+    H, _, d = X.shape
+    return (X[:, rows].float() - mean.reshape(H, 1, d).to(X.device)) / scale.reshape(H, 1, -1).to(X.device, torch.float32)
+
+
+def feature_rows(
+    X: Float[Tensor, "H N d"],
+    weights: Float[Tensor, " N"],
+    mean: Float[Tensor, "H d"],
+    scale: Tensor,
+    max_rows: int = 4096,
+) -> Float[Tensor, "H n d"] | None:
+    """The rows ``Z`` with ``Z^T Z`` = :func:`feature_covariance`'s estimate, when they are fewer than ``d``
+    (then the preconditioner is cheaper through them); None otherwise."""
+    H, N, d = X.shape
+    rows = _covariance_rows(weights, max_rows)
+    if rows.numel() >= d:
+        return None
+    return _standardised(X, rows.to(X.device), mean, scale) / math.sqrt(max(1, rows.numel()))
+
+
+def _covariance_rows(weights: Tensor, max_rows: int) -> Tensor:
+    """At most ``max_rows`` evenly spaced rows with non-zero weight."""
     rows = torch.nonzero(weights.to("cpu") > 0).flatten()
     if rows.numel() > max_rows:
         rows = rows[torch.linspace(0, rows.numel() - 1, max_rows).round().long()]
-    rows = rows.to(X.device)
-    cov = torch.zeros(H, d, d, device=X.device)
-    scale = scale.reshape(H, 1, -1).to(X.device, torch.float32)
-    for lo in range(0, rows.numel(), chunk):
-        xc = (X[:, rows[lo : lo + chunk]].float() - mean.reshape(H, 1, d).to(X.device)) / scale
-        cov += torch.bmm(xc.transpose(1, 2), xc)
-    return cov / max(1, rows.numel())
+    return rows
 
 
 def precondition_worthwhile(H: int, d: int, n_rows: int, n_groups: int, device: torch.device) -> bool:
