@@ -58,3 +58,16 @@ def test_probe_verify_refuses_damaged_shards(tmp_path, capsys):
     assert main([*args, "--verify"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: store ") and "failed verification: shard-000001" in err and err.count("\n") == 1
+
+
+def test_info_quiet_exit_status_says_complete(tmp_path, capsys):
+    s = make_store(tmp_path / "s")
+    assert main(["store", "info", str(s.path), "--quiet"]) == 0
+    m = json.loads((s.path / "manifest.json").read_text())
+    m["complete"] = False  # what a killed capture leaves: readable up to its last shard, not finished
+    (s.path / "manifest.json").write_text(json.dumps(m))
+    assert main(["store", "info", str(s.path), "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+    assert main(["store", "info", str(s.path)]) == 0
+    assert "INCOMPLETE" in capsys.readouterr().out

@@ -394,7 +394,7 @@ def test_cli_steer_and_sweep(gpt2, tiny_gpt2_path, tmp_path, capsys):
     Direction(vector=unit(64), hook="blocks.1.hook_resid_post").save(tmp_path / "dir")
     common = ["--model", tiny_gpt2_path, "--direction", tmp_path / "dir", "--prompt", "The capital"]
     common = [str(c) for c in common] + ["--max-new-tokens", "3"]
-    assert main(["steer", *common, "--alpha", "4", "--op", "add", "--positions", "generated"]) == 0
+    assert main(["steer", *common, "--alpha", "4", "--op", "add", "--steer-positions", "generated"]) == 0
     out = capsys.readouterr().out
     assert "add 4 at blocks.1.hook_out" in out and "unsteered" in out and "steered" in out
     assert main(["steer", *common, "--sweep", "-4,-2,0,2,4", "--json"]) == 0

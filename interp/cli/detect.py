@@ -64,7 +64,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a saved direction to steer along while monitoring (the monitor sees the steered run)")
     m.add_argument("--alpha", type=float, default=None, help="with --steer: scale for add, value for clamp")
     m.add_argument("--op", default="add", help="with --steer: add | ablate | clamp")
-    m.add_argument("--positions", default="generated", help="with --steer: all | prompt | generated | indices")
+    m.add_argument("--steer-positions", dest="positions", default="generated",
+                   help="with --steer: where to steer: all | prompt | generated | indices")
+    m.add_argument("--positions", dest="positions", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old spelling
     m.add_argument("--device", default=None)
     m.add_argument("--color", default="auto", choices=["auto", "always", "never"])
     m.add_argument("--json", action="store_true", help="print one JSON line per token, then a summary")

@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=None, help="scale for add, value for clamp")
     p.add_argument("--alphas", default=None, metavar="A,B,...", help="sweep these comma-separated alphas, e.g. -4,0,4")
     p.add_argument("--sweep", dest="alphas", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
-    p.add_argument("--positions", default="all", help="all | prompt | generated | comma-separated token indices")
+    p.add_argument("--steer-positions", dest="positions", default="all",
+                   help="where to steer: all | prompt | generated | comma-separated token indices")
+    # capture's --positions means which tokens a store keeps; the old spelling here still works, unlisted
+    p.add_argument("--positions", dest="positions", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -61,7 +64,7 @@ def _positions(text: str):
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"--positions {text!r}: use all, prompt, generated or comma-separated integers") from None
+        raise ConfigError(f"--steer-positions {text!r}: use all, prompt, generated or comma-separated integers") from None
 
 
 def _prompts(args) -> list[str]:

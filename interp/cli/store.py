@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     info = s.add_parser("info", help="print a store's summary")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--quiet", action="store_true",
+                      help="print nothing: exit 0 when the store opens and is complete, 1 when a capture must resume")
     info.set_defaults(func=run_info)
     verify = s.add_parser("verify", help="check every shard's size, header and sha256 (exit 1 on damage)")
     verify.add_argument("path")
@@ -55,6 +57,8 @@ def run_info(args: argparse.Namespace) -> int:
     from interp.store import ActivationStore
 
     store = ActivationStore(args.path)
+    if args.quiet:
+        return 0 if store.info()["complete"] else 1
     if args.json:
         print(json.dumps(store.info(), indent=2))
     else:
