@@ -226,7 +226,8 @@ def concurrent(model_path: Path, root: Path, n: int, resume: bool) -> tuple[int,
             passed += 1
         else:
             notes.append(f"trial {t}: exit codes {codes}, lock error {loser_ok}, equal store {same}: "
-                         + " | ".join(e.strip().splitlines()[-1][:200] if e.strip() else "" for e in errs))
+                         + " | ".join(next((ln for ln in e.splitlines() if ln.startswith("error:")), "no error line")[:300]
+                                    for e in errs))
     return n, passed, notes
 
 
