@@ -37,13 +37,30 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` every rank runs this: the process group starts from torchrun's variables, each rank
+    captures its slice (on ``cuda:LOCAL_RANK`` when GPUs are visible and no --device is given), rank 0 alone
+    shows progress and prints the summary."""
+    from interp import distributed
+
+    rank, world = distributed.init_from_env()
+    try:
+        return _run(args, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int) -> int:
+    from interp import distributed
     from interp.capture import capture
     from interp.cli.store import print_info
     from interp.model import load_model
 
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
     layers = parse_layers(args.layers)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device or distributed.local_device())
     store = capture(
         model,
         args.dataset,
@@ -57,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         progress=not (args.quiet or args.json),
     )
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(store.info(), indent=2))
     elif not args.quiet:
