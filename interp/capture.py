@@ -151,9 +151,10 @@ def capture(
         main, writer, stop = _open_part(out, settings, lines, unit, rank, world)
     else:
         main, writer, stop = None, StoreWriter(out, **settings), len(data)
-        prune_parts(out)  # parts a distributed run left: this process captures their examples itself
     failure: Exception | None = None
     try:
+        if world == 1:
+            prune_parts(out)  # parts a distributed run left: this process captures their examples itself
         start = writer.example_offset + writer.next_example
         _check_same_dataset(writer, out, lines[writer.example_offset : stop])
         device = model_device(model)
@@ -277,7 +278,7 @@ def _open_part(
             ident = {k: v for k, v in settings.items() if k not in ("resume", "hook_aliases")}
             key = hashlib.sha256(json.dumps([ident, start, slices], sort_keys=True).encode()).hexdigest()[:12]
             plan = [(f"{key}-{a:012d}-{b:012d}", a, b) for a, b in slices]
-            prune_parts(out, keep=[name for name, _, _ in plan])
+            prune_parts(out, keep=[name for name, _, _ in plan] if settings["resume"] else ())
         except Exception as e:
             if main is not None:
                 main.abort()
@@ -287,7 +288,7 @@ def _open_part(
     part, err = None, None
     try:
         part_settings = {**settings, "dataset": {**settings["dataset"], "sha256": lines_sha256(lines[a:b]), "slice": [a, b]}}
-        part = StoreWriter(out / PARTS / name, **part_settings, example_offset=a)
+        part = StoreWriter(out / PARTS / name, **{**part_settings, "resume": True}, example_offset=a)
     except Exception as e:
         err = e
     try:

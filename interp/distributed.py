@@ -37,9 +37,13 @@ def env_world() -> tuple[int, int] | None:
     return rank, world
 
 
-def init_from_env(timeout_s: float = 1800) -> tuple[int, int]:
+def init_from_env(timeout_s: float = 24 * 3600) -> tuple[int, int]:
     """Start a gloo process group from torchrun's variables when they say there is more than one rank and no
-    group runs yet; return ``(rank, world)``. Without those variables (a plain ``python``), ``(0, 1)``."""
+    group runs yet; return ``(rank, world)``. Without those variables (a plain ``python``), ``(0, 1)``.
+
+    ``timeout_s`` bounds how long a rank that finished its slice waits for the slowest one (torchrun ends the
+    whole job at once when a rank dies, so a long wait costs nothing); a group a caller starts needs a timeout
+    longer than that skew too (torch's default is 30 minutes)."""
     if dist.is_available() and dist.is_initialized():
         return rank_world()
     env = env_world()

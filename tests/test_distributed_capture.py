@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 N = 48  # examples of the bundled capitals dataset: 6 batches of 8
 ARGS = ["--model", "minilm", "--layers", "2", "--positions", "all", "--batch-size", "8", "--quiet"]
-ONE_BATCH_SHARDS = ["--shard-mb", "0.01"]  # every batch fills a shard: the shards themselves match a 1-process run
+ONE_BATCH_SHARDS = ["--shard-mb", "0.01"]  # every batch fills a shard: the shards match a 1-process run's
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -49,18 +49,21 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(data: Path) -> Path:
+def _capture_one(data: Path, out: Path, positions: str, batch_size: int, shard_mb: float) -> Path:
     """The same capture by one plain process (on one thread, as each torchrun rank runs)."""
-    out = data.parent / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        capture(load_model("minilm", device="cpu"), str(data), layers=[2], positions="all", batch_size=8,
-                shard_mb=0.01, out=out, progress=False)
+        capture(load_model("minilm", device="cpu"), str(data), layers=[2], positions=positions, batch_size=batch_size,
+                shard_mb=shard_mb, out=out, progress=False)
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path) -> Path:
+    return _capture_one(data, data.parent / "one", "all", 8, 0.01)
 
 
 def _rows(path: Path) -> dict[str, torch.Tensor]:
@@ -69,17 +72,9 @@ def _rows(path: Path) -> dict[str, torch.Tensor]:
             "token_id": s.token_ids(), "token_label": s.token_labels()}
 
 
-def test_two_ranks_write_the_store_one_process_writes(data, reference, tmp_path):
+def test_two_ranks_write_the_rows_one_process_writes(data, reference, tmp_path):
     out = tmp_path / "two"
-    r = torchrun(2, ["--dataset", str(data), "--out", str(out), *ARGS, *ONE_BATCH_SHARDS], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert fingerprint(out) == fingerprint(reference)  # every shard's sha256, examples.jsonl, manifest but its times
-    assert not (out / PARTS).exists() and ActivationStore(out).verify().ok
-
-
-def test_three_ranks_same_rows_with_shards_across_batches(data, reference, tmp_path):
-    out = tmp_path / "three"
-    r = torchrun(3, ["--dataset", str(data), "--out", str(out), *ARGS, "--shard-mb", "0.15", "--json"], tmp_path)
+    r = torchrun(2, ["--dataset", str(data), "--out", str(out), *ARGS, "--shard-mb", "0.15", "--json"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["examples"] == N  # rank 0 alone prints the summary: one JSON document
     got, want = _rows(out), _rows(reference)
@@ -87,8 +82,20 @@ def test_three_ranks_same_rows_with_shards_across_batches(data, reference, tmp_p
         assert torch.equal(got[k], want[k]), k  # bitwise: each rank ran the batches a single process runs
     assert (out / "examples.jsonl").read_bytes() == (reference / "examples.jsonl").read_bytes()
     a, b = fingerprint(out)["manifest.json"], fingerprint(reference)["manifest.json"]
-    assert len(a.pop("shards")) < len(b.pop("shards"))  # a rank's 2 batches make one shard here
+    assert [s["examples"] for s in a.pop("shards")] == [[0, 24], [24, 48]]  # a rank's 3 batches make one shard
+    b.pop("shards")
     assert a == b
+    assert not (out / PARTS).exists() and ActivationStore(out).verify().ok
+
+
+def test_three_ranks_write_the_store_one_process_writes(data, tmp_path):
+    args = ["--positions", "mean", "--batch-size", "2", "--shard-mb", "0.002"]  # 2 batches a shard, 4 shards a rank
+    out = tmp_path / "three"
+    r = torchrun(3, ["--dataset", str(data), "--out", str(out), *ARGS, *args], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = _capture_one(data, tmp_path / "one", "mean", 2, 0.002)
+    assert len(ActivationStore(one).manifest["shards"]) == 12
+    assert fingerprint(out) == fingerprint(one)  # every shard's sha256, examples.jsonl, manifest but its times
     assert ActivationStore(out).verify().ok
 
 
@@ -112,6 +119,32 @@ def test_killed_rank_resumes_from_its_last_shard(data, reference, tmp_path):
     assert fingerprint(out) == fingerprint(reference)  # every example once, in order, same bytes
     s = ActivationStore(out)
     assert torch.equal(torch.unique_consecutive(s.example_ids()), torch.arange(N)) and s.verify().ok
+
+
+AGREE = """
+from interp import distributed
+from interp.errors import InterpError, StoreError
+
+rank, world = distributed.init_from_env()
+with open(f"rank-{rank}.txt", "w") as out:  # one file per rank: the ranks' stdout interleaves
+    print(rank, world, distributed.broadcast([rank, "plan"]), distributed.gather(rank * 10), file=out)
+    distributed.agree(None, "a step that works")
+    try:
+        distributed.agree(StoreError("disk full") if rank == 1 else None, "writing parts")
+    except InterpError as e:
+        print(rank, type(e).__name__, e, file=out)
+"""
+
+
+def test_a_rank_that_fails_fails_every_rank(tmp_path):
+    (tmp_path / "agree.py").write_text(AGREE)
+    r = _run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "agree.py"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = {k: (tmp_path / f"rank-{k}.txt").read_text().splitlines() for k in range(2)}
+    for k in range(2):
+        assert said[k][0] == f"{k} 2 [0, 'plan'] [0, 10]"  # rank 0's plan and every rank's value, on each
+    assert said[1][1] == "1 StoreError disk full"  # the rank that failed raises its own error
+    assert said[0][1] == "0 RankFailedError writing parts failed on rank 1: disk full"  # the other learns why
 
 
 def test_split_range_covers_whole_batches_in_order():
