@@ -3,6 +3,7 @@ and a rank killed mid-capture resumes from its last committed shard when the job
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -49,12 +50,17 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    return load_model("minilm", device="cpu")
+
+
 def _capture_one(data: Path, out: Path, positions: str, batch_size: int, shard_mb: float) -> Path:
     """The same capture by one plain process (on one thread, as each torchrun rank runs)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        capture(load_model("minilm", device="cpu"), str(data), layers=[2], positions=positions, batch_size=batch_size,
+        capture(_minilm(), str(data), layers=[2], positions=positions, batch_size=batch_size,
                 shard_mb=shard_mb, out=out, progress=False)
     finally:
         torch.set_num_threads(threads)
