@@ -15,7 +15,7 @@ import torch
 
 from interp import capture, distributed, load_model
 from interp.datasets import load_dataset
-from interp.errors import StoreLockedError
+from interp.errors import StoreError, StoreLockedError
 from interp.store import PARTS, ActivationStore, StoreWriter, prune_parts
 from store_cases import fingerprint
 
@@ -181,3 +181,34 @@ def test_prune_parts_leaves_a_part_a_writer_holds(tmp_path):
     held.close()
     prune_parts(tmp_path / "s", keep=["k-kept"])
     assert sorted(p.name for p in (tmp_path / "s" / PARTS).iterdir()) == ["k-kept"]
+
+
+def _part(path: Path, offset: int, n: int) -> Path:
+    with StoreWriter(path, hooks=["h"], d_model=2, dtype="float32", shard_bytes=16, example_offset=offset) as w:
+        for i in range(offset, offset + n):
+            w.add_example({"text": f"ex {i}"}, {"h": torch.full((2, 2), float(i))}, torch.arange(2), torch.zeros(2))
+    return path
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_commit_parts_appends_them_as_final_shards(tmp_path, monkeypatch, links):
+    if not links:  # a filesystem without hard links: the shards are copied
+        monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError(1, "no links")))
+    parts = [_part(tmp_path / "s" / PARTS / f"k-{a}-{a + n}", a, n) for a, n in ((0, 3), (3, 0), (3, 2))]
+    with StoreWriter(tmp_path / "s", hooks=["h"], d_model=2, dtype="float32") as w:
+        w.commit_parts(parts)
+    s = ActivationStore(tmp_path / "s")
+    assert s.n_examples == 5 and [sh["examples"] for sh in s.manifest["shards"]] == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]
+    assert torch.equal(s.example_ids(), torch.arange(5).repeat_interleave(2))
+    assert torch.equal(s.activations("h")[:, 0], torch.arange(5.0).repeat_interleave(2))
+    assert [e["text"] for e in s.examples()] == [f"ex {i}" for i in range(5)] and s.verify().ok
+    assert (s.path / "shard-000004.safetensors").stat().st_nlink == (2 if links else 1)
+
+
+def test_commit_parts_refuses_a_part_that_does_not_continue_the_store(tmp_path):
+    part = _part(tmp_path / "s" / PARTS / "k-2", 2, 2)  # starts at example 2, the store has none
+    w = StoreWriter(tmp_path / "s", hooks=["h"], d_model=2, dtype="float32")
+    with pytest.raises(StoreError, match="does not continue") as e:
+        w.commit_parts([part])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "s" / "shard-000000.safetensors").exists()  # nothing half-committed
