@@ -13,6 +13,7 @@ content, without the end-of-turn token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,12 +27,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp import distributed
 from interp.chat import render_dataset
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DatasetError, HookError
 from interp.model import Tokens, model_device, model_identity, resolve_hooks, tokenize
 from interp.model import max_length as model_max_length
-from interp.store import ActivationStore, StoreWriter, dtype_from_name, example_line, lines_sha256
+from interp.store import (
+    PARTS, ActivationStore, StoreWriter, dtype_from_name, example_line, lines_sha256, prune_parts,
+)
 
 POOLS = ("all", "last", "mean")
 
@@ -97,6 +101,11 @@ def capture(
     one the store was started on (the sha256 of its examples' lines), or a DatasetError says what differs.
     Texts longer than ``max_length`` (default: the model's context) are truncated, with one
     :class:`TruncationWarning` giving the count.
+
+    In a distributed job (``torchrun``, or a caller's initialised process group) every rank makes the same call:
+    each captures its own slice of whole batches into a part store under ``out/.parts``, and rank 0 then commits
+    the parts as the store's shards, in dataset order; the store holds the same rows and examples as a
+    single-process capture (docs/scale.md). Only rank 0 shows progress.
     """
     dtype_name, _ = dtype_from_name(dtype)
     pool, region = parse_positions(positions)
@@ -120,13 +129,11 @@ def capture(
             )
     out = Path(out)
     has_token_labels = data.has_spans and pool == "all"
-    ident = model_identity(model)
-    writer = StoreWriter(
-        out,
+    settings = dict(
         hooks=hook_names,
         d_model=int(model.cfg.d_model),
         dtype=dtype_name,
-        model=ident,
+        model=model_identity(model),
         positions=positions,
         hook_aliases=aliases,
         dataset={**data.provenance(), "sha256": lines_sha256(lines)},
@@ -134,16 +141,31 @@ def capture(
         has_token_labels=has_token_labels,
         resume=resume,
     )
+    rank, world = distributed.init_from_env()
+    if world > 1:  # this rank writes its slice into a part store; rank 0 holds the store and commits the parts
+        unit = batch_size
+        if pool != "all" and region is None:  # one row per example: slices of whole shards give the same shards
+            per_batch = batch_size * len(hook_names) * int(model.cfg.d_model) * dtype_from_name(dtype)[1].itemsize
+            shard = batch_size * math.ceil(settings["shard_bytes"] / per_batch)
+            unit = shard if -(-len(data) // shard) >= 4 * world else batch_size  # whole shards if balanced
+        main, writer, stop = _open_part(out, settings, lines, unit, rank, world)
+    else:
+        main, writer, stop = None, StoreWriter(out, **settings), len(data)
+    failure: Exception | None = None
     try:
-        start = writer.next_example
-        _check_same_dataset(writer, out, lines)
+        if world == 1:
+            prune_parts(out)  # parts a distributed run left: this process captures their examples itself
+        start = writer.example_offset + writer.next_example
+        _check_same_dataset(writer, out, lines[writer.example_offset : stop])
         device = model_device(model)
         limit = min(max_length or model_max_length(model), model_max_length(model))
         truncated = 0
-        bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
+        bar = tqdm(total=stop - writer.example_offset, initial=start - writer.example_offset, unit="ex",
+                   desc=f"capture {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                   disable=not progress or rank != 0)
         with torch.inference_mode():
-            for b0 in range(start, len(data), batch_size):
-                batch = data.examples[b0 : b0 + batch_size]
+            for b0 in range(start, stop, batch_size):
+                batch = data.examples[b0 : min(b0 + batch_size, stop)]
                 toks = tokenize(model, [e.text for e in batch], max_length).to(device)
                 truncated += count_truncated(batch, toks, limit)
                 cache = run_hooks(model, toks, hook_names)
@@ -151,12 +173,21 @@ def capture(
                 bar.update(len(batch))
         bar.close()
         writer.close(complete=True)
+    except Exception as e:
+        writer.abort()
+        if world == 1:
+            raise
+        failure = e  # the other ranks hear of it in _commit_parts, then every rank raises
     except BaseException:
         writer.abort()
+        if main is not None:
+            main.abort()
         raise
+    if world > 1:
+        _commit_parts(main, out, failure)
     if truncated:
         warnings.warn(
-            f"{truncated} of {len(data) - start} examples were longer than {limit} tokens and were truncated to"
+            f"{truncated} of {stop - start} examples were longer than {limit} tokens and were truncated to"
             f" {limit} (the {'max_length given' if max_length else 'model context'}); their later tokens are not in"
             " the store",
             TruncationWarning,
@@ -224,6 +255,72 @@ def _check_same_dataset(writer: StoreWriter, out: Path, lines: Sequence[bytes]) 
         what = (f"it had {n_then} examples, this one has {len(lines)}" if n_then != len(lines)
                 else f"an example after the {committed} already captured differs")
         raise DatasetError(f"store {out} was started on another version of this dataset ({what}); {fix}")
+
+
+def _open_part(
+    out: Path, settings: dict[str, Any], lines: Sequence[bytes], unit: int, rank: int, world: int
+) -> tuple[StoreWriter | None, StoreWriter, int]:
+    """Open this rank's part of a distributed capture: ``(rank 0's writer of the store, or None elsewhere; the
+    part's writer; the end of this rank's slice)``.
+
+    Rank 0 takes the store's lock, checks it continues the same dataset, plans the slices of the examples not yet
+    committed (:func:`interp.distributed.split_range`, in ``unit``s of whole batches) and removes parts of any
+    other plan; then every rank opens (or resumes) its part at ``out/.parts/KEY-FIRST-END``, where KEY hashes the settings, the dataset and
+    the plan, so a rerun with the same settings and world size finds its parts again.
+    """
+    main, plan, err = None, None, None
+    if rank == 0:
+        try:
+            main = StoreWriter(out, **settings)
+            _check_same_dataset(main, out, lines)
+            start = main.next_example
+            slices = distributed.split_range(start, len(lines), unit, world)
+            ident = {k: v for k, v in settings.items() if k not in ("resume", "hook_aliases")}
+            key = hashlib.sha256(json.dumps([ident, start, slices], sort_keys=True).encode()).hexdigest()[:12]
+            plan = [(f"{key}-{a:012d}-{b:012d}", a, b) for a, b in slices]
+            prune_parts(out, keep=[name for name, _, _ in plan] if settings["resume"] else ())
+        except Exception as e:
+            if main is not None:
+                main.abort()
+            err = e
+    distributed.agree(err, f"opening store {out}")
+    name, a, b = distributed.broadcast(plan)[rank]
+    part, err = None, None
+    try:
+        part_settings = {**settings, "dataset": {**settings["dataset"], "sha256": lines_sha256(lines[a:b]), "slice": [a, b]}}
+        part = StoreWriter(out / PARTS / name, **{**part_settings, "resume": True}, example_offset=a)
+    except Exception as e:
+        err = e
+    try:
+        distributed.agree(err, f"opening the parts of {out}")
+    except BaseException:
+        for w in (part, main):
+            if w is not None:
+                w.abort()
+        raise
+    return main, part, b
+
+
+def _commit_parts(main: StoreWriter | None, out: Path, failure: Exception | None) -> None:
+    """After every rank closed its part (or failed): rank 0 commits the parts into the store, in dataset order,
+    and removes them; every rank raises if any rank failed at either step."""
+    try:
+        distributed.agree(failure, f"capture into {out}")
+    except BaseException:
+        if main is not None:
+            main.abort()
+        raise
+    err = None
+    if main is not None:
+        try:
+            parts = sorted(p for p in (out / PARTS).iterdir() if p.is_dir())  # KEY-FIRST-END: one key, padded
+            main.commit_parts(parts)
+            main.close(complete=True)
+            prune_parts(out)
+        except Exception as e:
+            main.abort()
+            err = e
+    distributed.agree(err, f"committing store {out}")
 
 
 def forward_to_stop(model, input_ids: Tensor, **kwargs: Any) -> None:

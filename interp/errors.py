@@ -58,6 +58,10 @@ class DetectorError(InterpError):
     """A detector that cannot be loaded or applied."""
 
 
+class RankFailedError(InterpError):
+    """Another rank of a distributed job failed; the message names the rank and its error."""
+
+
 def close_matches(name: str, options: Iterable[str], n: int = 5) -> str:
     """A short ``did you mean ...`` phrase listing the options closest to ``name`` (or a few of them)."""
     options = list(dict.fromkeys(str(o) for o in options))

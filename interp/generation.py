@@ -406,7 +406,7 @@ def _act_hook(a: Act, j: int, st: _Batch) -> Callable:
             st.touched[j][:, st.col : st.col + T] = True
             return new
         st.touched[j][:, st.col : st.col + T] |= m
-        mm = m.view(*m.shape, *([1] * (act.ndim - 2)))
+        mm = m.view(*m.shape, *([1] * (act.ndim - 2))).to(act.device)  # a block on another device (device_map)
         return torch.where(mm, new, act)
 
     return hook_fn

@@ -100,7 +100,15 @@ def hf_cache_identity(name: str) -> dict[str, Any]:
 
 
 def model_device(model) -> torch.device:
-    """The device a model's parameters live on (CPU for a model without parameters)."""
+    """The device a model's inputs go to: its parameters' device, or for a model split across devices with a
+    ``device_map`` the device of its input embedding (CPU for a model without parameters)."""
+    hf = getattr(model, "original_model", None)
+    if getattr(hf, "hf_device_map", None):
+        from transformer_lens.utilities.multi_gpu import find_embedding_device
+
+        dev = find_embedding_device(hf)
+        if dev is not None and dev.type != "meta":
+            return dev
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -113,6 +121,7 @@ def load_model(
     dtype: Any = None,
     progress: bool = True,
     verify: bool = False,
+    device_map: str | dict[str, Any] | None = None,
 ):
     """Boot a model as a ``TransformerBridge`` in eval mode.
 
@@ -121,9 +130,19 @@ def load_model(
     directory saved with ``save_pretrained``, or a Hugging Face name (needs internet or a warm cache). ``dtype``:
     ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype. ``progress=False`` silences a GGUF conversion;
     ``verify=True`` rehashes a cached GGUF conversion's weights in full (every load checks them cheaply).
+
+    ``device_map`` splits a model too large for one device across several, through accelerate (installed with
+    transformer-lens): ``"auto"``, ``"balanced"``, ``"sequential"``, one device, or a dict from module names to devices (``{"": "cpu"}``);
+    inputs then go to the embedding's device and hooks see each block's activations on its own device.
+    It replaces ``device``; an architecture TransformerLens cannot split is a one-line :class:`ModelLoadError`.
     """
     display, target, extras = resolve_model_path(name_or_path, progress=progress, verify=verify)
-    device = str(resolve_device(device))
+    placement: dict[str, Any] = {"device": str(resolve_device(device))}
+    if device_map is not None:
+        if device is not None:
+            raise ConfigError(f"give device={device!r} or device_map={device_map!r}, not both: a device_map places"
+                              " every module itself")
+        placement = {"device_map": check_device_map(device_map)}
     torch_dtype = dtype_from_name(dtype)[1] if dtype is not None else torch.float32
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -133,7 +152,7 @@ def load_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _quiet_transformers()
-            model = TransformerBridge.boot_transformers(target, device=device, dtype=torch_dtype)
+            model = TransformerBridge.boot_transformers(target, dtype=torch_dtype, **placement)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
@@ -149,6 +168,39 @@ def load_model(
         extras = hf_cache_identity(target)
     _identity[model] = {"name": display, "path": target, **extras}
     return model
+
+
+DEVICE_MAP_KINDS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: Any) -> str | dict[str, Any]:
+    """``device_map`` checked before anything loads: accelerate is importable, a string is one accelerate knows,
+    and every device a dict names exists here (``"disk"`` aside)."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ConfigError("device_map needs the package accelerate: pip install accelerate") from None
+    if isinstance(device_map, str):
+        if device_map in DEVICE_MAP_KINDS:
+            return device_map
+        try:
+            return str(resolve_device(device_map))  # one device for the whole model, e.g. "cpu" or "cuda:1"
+        except ConfigError as e:
+            raise ConfigError(f"device_map={device_map!r}: use one of {', '.join(DEVICE_MAP_KINDS)}, a device, or a"
+                              f" dict from module names to devices such as {{'': 'cpu'}} ({e})") from None
+    if not isinstance(device_map, dict) or not device_map:
+        raise ConfigError(f"device_map must be a string such as 'auto' or a non-empty dict from module names to"
+                          f" devices, got {type(device_map).__name__}")
+    out: dict[str, Any] = {}
+    for name, dev in device_map.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"device_map keys are module names (strings), got {name!r}")
+        if dev == "disk":
+            out[name] = dev
+            continue
+        where = resolve_device(f"cuda:{dev}" if isinstance(dev, int) and not isinstance(dev, bool) else dev)
+        out[name] = dev if isinstance(dev, int) else str(where)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- KV-cache compatibility

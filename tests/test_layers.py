@@ -11,7 +11,7 @@ import interp
 ROOT = Path(interp.__file__).parent
 
 LAYERS = {
-    1: ("errors", "devices", "datasets", "store", "artifacts", "grading", "stats"),
+    1: ("errors", "devices", "datasets", "store", "artifacts", "grading", "stats", "distributed"),
     2: ("model", "gguf", "chat", "capture", "generation", "testing"),
     3: ("probes", "directions", "nullspace", "sae", "lenses"),
     4: ("steering", "detectors"),

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float16", help="store dtype: float16 | bfloat16 | float32")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--device-map", default=None,
+                   help="split a model too large for one device: auto | balanced | sequential | a JSON object of module -> device")
     p.add_argument("--shard-mb", type=float, default=256, help="shard size in MiB")
     p.add_argument("--max-length", type=int, default=None,
                    help="tokens kept per text (default: the model's context; longer texts are truncated, with a warning)")
@@ -36,14 +38,46 @@ def parse_layers(text: str | None) -> list[int] | None:
         raise ConfigError(f"--layers {text!r}: give comma-separated integers such as 0,3,-1") from None
 
 
+def parse_device_map(text: str):
+    """``auto`` (a name accelerate knows) or a JSON object ``{"module": "device", ...}``."""
+    from interp.errors import ConfigError
+
+    if not text.lstrip().startswith("{"):
+        return text.strip()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"--device-map {text[:60]!r} is not a JSON object ({e}); give auto or {{\"module\": \"cpu\"}}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` every rank runs this: the process group starts from torchrun's variables, each rank
+    captures its slice (on ``cuda:LOCAL_RANK`` when GPUs are visible and no --device is given), rank 0 alone
+    shows progress and prints the summary."""
+    from interp import distributed
+
+    rank, world = distributed.init_from_env()
+    try:
+        return _run(args, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int, world: int) -> int:
+    from interp import distributed
     from interp.capture import capture
     from interp.cli.store import print_info
     from interp.model import load_model
 
     hooks = [h.strip() for h in args.hooks.split(",") if h.strip()]
     layers = parse_layers(args.layers)
-    model = load_model(args.model, device=args.device)
+    if args.device_map is not None:
+        model = load_model(args.model, device=args.device, device_map=parse_device_map(args.device_map))
+    else:
+        model = load_model(args.model, device=args.device or distributed.local_device())
     store = capture(
         model,
         args.dataset,
@@ -57,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         progress=not (args.quiet or args.json),
     )
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(store.info(), indent=2))
     elif not args.quiet:

@@ -6,6 +6,7 @@ A store is a directory::
     examples.jsonl                one line per example; its first ``examples_bytes`` bytes are committed, sha256'd
     shard-000000.safetensors      one file per shard, committed atomically, never rewritten, sha256'd
     .lock                         held by the single writer (flock; pid, host and start time inside)
+    .parts/                       only during a distributed capture: one part store per rank (docs/scale.md)
     verified.json                 optional sidecar: when ``verify`` last ran, and its result
 
 Each shard holds, for ``rows`` token positions, one ``[rows, d_model]`` tensor per hook (named by its canonical
@@ -25,13 +26,13 @@ from interp.store.manifest import (
 )
 from interp.store.names import DTYPES, dtype_from_name, layer_of, static_canonical
 from interp.store.reader import ActivationStore, Batch, VerifyReport
-from interp.store.writer import META_TENSORS, StoreWriter
+from interp.store.writer import META_TENSORS, PARTS, StoreWriter, prune_parts
 
 _read_header = read_header  # the name bench/capture.py uses
 
 __all__ = [
     "ActivationStore", "Batch", "DTYPES", "EXAMPLES", "FORMAT_NAME", "FORMAT_VERSION", "LOCK", "MANIFEST",
-    "META_TENSORS", "SHARD_RE", "Shard", "StoreWriter", "VERIFIED", "VerifyReport", "WriterLock",
+    "META_TENSORS", "PARTS", "SHARD_RE", "Shard", "StoreWriter", "VERIFIED", "VerifyReport", "WriterLock",
     "atomic_write_bytes", "atomic_write_json", "dtype_from_name", "example_line", "layer_of", "lines_sha256",
-    "load_manifest", "read_header", "sha256_file", "static_canonical", "write_safetensors",
+    "load_manifest", "prune_parts", "read_header", "sha256_file", "static_canonical", "write_safetensors",
 ]

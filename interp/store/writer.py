@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.errors import ConfigError, StoreCorruptError, StoreError
-from interp.store.files import atomic_write_json, write_safetensors
+from interp.store.files import atomic_write_json, replacing, write_safetensors
 from interp.store.lock import LOCK, WriterLock, now
 from interp.store.manifest import (
     EXAMPLES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_RE, TEMP_RE, VERIFIED, example_line, load_manifest,
 )
 from interp.store.names import dtype_from_name
+
+PARTS = ".parts"  # a distributed capture's per-rank part stores, until rank 0 commits them into the store
 
 META_TENSORS = ("example_id", "position", "token_id", "token_label")
 
@@ -65,8 +68,10 @@ class StoreWriter:
         shard_bytes: int = 256 * 2**20,
         has_token_labels: bool = False,
         resume: bool = True,
+        example_offset: int = 0,
     ):
         self.path = Path(path)
+        self.example_offset = int(example_offset)  # a part of a distributed capture numbers its examples from here
         self.dtype_name, self.dtype = dtype_from_name(dtype)
         if not hooks:
             raise ConfigError("a store needs at least one hook")
@@ -125,6 +130,7 @@ class StoreWriter:
                     "examples_sha256": hashlib.sha256().hexdigest(),
                     "complete": False,
                     "shards": [],
+                    **({"example_offset": self.example_offset} if self.example_offset else {}),
                 }
                 self._examples_hash = hashlib.sha256()
                 (self.path / EXAMPLES).write_bytes(b"")
@@ -147,7 +153,7 @@ class StoreWriter:
     # ---- opening: what a writer that died may have left
     def _clear_store_in_creation(self) -> None:
         """No manifest: the directory must be empty or hold only what a writer leaves before its first commit."""
-        entries = [p for p in self.path.iterdir() if p.name != LOCK]
+        entries = [p for p in self.path.iterdir() if p.name not in (LOCK, PARTS)]
         leftovers = {EXAMPLES, VERIFIED}
         other = [p.name for p in entries
                  if not (p.name in leftovers or SHARD_RE.fullmatch(p.name) or TEMP_RE.fullmatch(p.name)) or p.is_dir()]
@@ -231,7 +237,7 @@ class StoreWriter:
         rows = int(position.shape[0])
         if len(examples) != counts.numel() or int(counts.sum()) != rows:
             raise StoreError(f"{len(examples)} examples with {int(counts.sum())} rows, but {rows} rows given")
-        eid = self.next_example
+        eid = self.example_offset + self.next_example
         for h in self.hooks:
             a = acts[h]
             if tuple(a.shape) != (rows, self.d_model):
@@ -297,6 +303,48 @@ class StoreWriter:
         self._buf_examples = []
         self._buf_bytes = 0
 
+    def commit_parts(self, parts: Sequence[Path]) -> None:
+        """Append finished part stores as this store's next shards and examples, in order, in one commit.
+
+        Each part is a complete store written with the same settings and ``example_offset`` equal to the number of
+        examples before it, so its shards and lines already carry their final example ids: its shards are
+        hard-linked (copied where links are not supported) under the next shard names, byte for byte (their
+        sha256 stands), its committed lines appended to ``examples.jsonl``, then the manifest names them all. A
+        writer that dies before that manifest leaves the parts intact and the store as it was.
+        """
+        self.flush()
+        m = dict(self.manifest)
+        shards, ex_hash = list(m["shards"]), self._examples_hash.copy()
+        n_ex, n_rows, ex_bytes = int(m["n_examples"]), int(m["n_rows"]), int(m["examples_bytes"])
+        try:
+            with open(self.path / EXAMPLES, "ab") as out:
+                for part in map(Path, parts):
+                    pm = load_manifest(part)
+                    same = all(pm.get(k) == m.get(k) for k in ("hooks", "d_model", "dtype", "positions", "has_token_labels"))
+                    if not (pm["complete"] and same and pm.get("example_offset", 0) == n_ex):
+                        raise StoreError(f"part {part} is unfinished or does not continue {self.path} at example {n_ex};"
+                                         " rerun the same capture: it resumes each part")
+                    with open(part / EXAMPLES, "rb") as f:
+                        lines = f.read(int(pm["examples_bytes"]))
+                    if len(lines) != pm["examples_bytes"] or hashlib.sha256(lines).hexdigest() != pm["examples_sha256"]:
+                        raise StoreCorruptError(f"{part / EXAMPLES} does not match its manifest; delete {part} and rerun")
+                    for s in pm["shards"]:
+                        name = f"shard-{len(shards):06d}.safetensors"
+                        _link_or_copy(part / s["file"], self.path / name)
+                        shards.append({**s, "file": name, "examples": [n_ex + s["examples"][0], n_ex + s["examples"][1]]})
+                    out.write(lines)
+                    ex_hash.update(lines)
+                    n_ex, n_rows, ex_bytes = n_ex + pm["n_examples"], n_rows + pm["n_rows"], ex_bytes + len(lines)
+                out.flush()
+                os.fsync(out.fileno())
+            m.update(shards=shards, n_examples=n_ex, n_rows=n_rows, examples_bytes=ex_bytes,
+                     examples_sha256=ex_hash.hexdigest())
+            atomic_write_json(self.path / MANIFEST, m)  # the commit point
+        except OSError as e:
+            self.abort()
+            raise _io_error(self.path, e) from None
+        self.manifest, self._examples_hash = m, ex_hash
+
     def close(self, complete: bool = True) -> None:
         """Flush, mark the store complete (when ``complete``), and release the lock."""
         if self._closed:
@@ -352,6 +400,45 @@ class StoreWriter:
             self.close()
         else:
             self.abort()
+
+
+def prune_parts(path: str | os.PathLike, keep: Sequence[str] = ()) -> None:
+    """Remove the part stores under ``path/.parts`` not named in ``keep`` (a distributed capture's leftovers from
+    another plan, or parts already committed), each under its own lock: a part a live writer holds is a
+    :class:`StoreLockedError`, never deleted from under it."""
+    parts = Path(path) / PARTS
+    if not parts.is_dir():
+        return
+    for p in sorted(parts.iterdir()):
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            lock = WriterLock(p)
+            lock.acquire()
+            try:
+                shutil.rmtree(p)
+            finally:
+                lock.release()
+        else:
+            p.unlink()
+    if not keep:
+        try:
+            parts.rmdir()
+        except OSError:
+            pass
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes the same bytes as ``src``: a hard link, or an atomic copy where the filesystem has none."""
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        with replacing(dst) as tmp, open(src, "rb") as f, open(tmp, "wb") as g:
+            shutil.copyfileobj(f, g, 1 << 22)
+            g.flush()
+            os.fsync(g.fileno())
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
