@@ -34,7 +34,9 @@ from interp.artifacts import save_tensors as _save_tensors
 from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, InterpError
 from interp.probes.estimator import EstimatorProtocol, ProbeInputError, validate_sample_weight
+from interp.probes.kernel import get_loss_grad
 from interp.probes.solver import (
+    covariance_rows,
     column_stats,
     feature_covariance,
     feature_rows,
@@ -42,6 +44,7 @@ from interp.probes.solver import (
     linear_scores,
     precondition_worthwhile,
 )
+from interp.probes.streaming import StoreRows, check_budget, chunk_rows, group, rank_slice
 from interp.store import ActivationStore, atomic_write_json, layer_of
 
 PROBE_FORMAT = "interp.linear_probe"
@@ -668,14 +671,20 @@ def _load_hooks(
     return X
 
 
-def _check_stats_finite(X: Tensor, hooks: list[str], *stats: Tensor) -> None:
+def _check_stats_finite(X: Tensor | StoreRows, hooks: list[str], *stats: Tensor) -> None:
     """NaN/inf anywhere in ``X`` makes its column statistics NaN (:func:`column_stats`; an infinite scale
     marks a constant feature): check those, and only on failure look for the offending hook, so that finite
     data costs no extra pass."""
     if not any(bool(t.isnan().any()) for t in stats):
         return
     for i, h in enumerate(hooks):
-        check_finite(X[i], f"hook {h}")
+        if isinstance(X, Tensor):
+            check_finite(X[i], f"hook {h}")
+        elif any(bool(t[i].isnan().any()) for t in stats):  # streamed: the hook's statistics name it
+            raise ProbeInputError(
+                f"hook {h}: its activations contain NaN or inf (or overflow float32); recapture in float32 or "
+                "bfloat16, or pass rows= without them"
+            )
     raise AnalysisError(
         "activations are too large to standardise in float32 (|x| above ~1e18); rescale or recapture them"
     )
@@ -698,6 +707,7 @@ def train_probes(
     precondition: bool | str = "auto",
     backend: str = "auto",
     device: str | torch.device | None = None,
+    max_memory_mb: float | None = 4096,
     progress: bool = True,
 ) -> ProbeSweep:
     """Train a logistic probe for every hook at once: one batched problem over hooks x folds x C x classes.
@@ -714,12 +724,17 @@ def train_probes(
     values of ``C`` are all fit; each hook keeps the one with the best CV accuracy. ``best_hook`` has the best
     held-out accuracy (ties: AUROC, then the earlier hook).
 
-    All selected hooks' rows are held in memory (in the store dtype) on ``device`` (default: CUDA when
-    available); use ``max_rows`` for large token-level stores. ``precondition`` ("auto", True, False) uses each
+    The selected hooks' rows are held in memory (in the store dtype) on ``device`` (default: CUDA when
+    available) when they fit ``max_memory_mb`` (MiB; None: no limit); otherwise they are streamed from the store
+    in chunks, every L-BFGS evaluation one pass over it: the same full-batch optimum, a pass costing a read of
+    the store. Under ``torch.distributed`` (a process group already initialised, e.g. by torchrun) each rank
+    holds or streams a slice of the rows and the sums are all-reduced: every rank returns the same sweep as one
+    process would (:mod:`interp.probes.streaming`). ``precondition`` ("auto", True, False) uses each
     hook's feature covariance (estimated from at most 4096 rows) to precondition L-BFGS, which cuts the number
     of passes over the activations several-fold; "auto" skips it when ``d_model`` makes it costly.
     """
     store = _open(store)
+    budget = check_budget(max_memory_mb)
     hook_names = store.resolve_hooks(hooks)
     Cs = [float(c) for c in (C if isinstance(C, (list, tuple, np.ndarray, Tensor)) else [C])]
     if not Cs or any(c <= 0 or not math.isfinite(c) for c in Cs):
@@ -762,8 +777,11 @@ def train_probes(
     all_rows = lab_rows if not (N == len(store) and bool((lab_rows == torch.arange(N)).all())) else None
 
     dev = resolve_device(device)
-    X = _load_hooks(store, hook_names, all_rows, dev, progress)
     H = len(hook_names)
+    rank, world = group()
+    progress = progress and rank == 0
+    itemsize = torch.empty(0, dtype=store.dtype).element_size()
+    streamed = world > 1 or (budget is not None and H * N * store.d_model * itemsize > budget)
 
     # ---- problems: for each C, for each fold (then the final fit), for each class column
     n_folds = k if k >= 2 else 0
@@ -792,20 +810,33 @@ def train_probes(
     n_masks = len(masks)
     # standardisation statistics per training-row mask (shared by its class columns), plus one over every row
     # so that a NaN/inf anywhere is caught without a separate pass
-    mean_m, scale_m = column_stats(
-        X, torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev), constant_scale=math.inf
-    )
+    stat_w = torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev)
+    if streamed:
+        lo, hi = rank_slice(N, rank, world)
+        X = StoreRows(store, hook_names, lab_rows, lo, hi, dev, chunk_rows(budget, H, store.d_model, itemsize, P),
+                      hold=budget is None or H * (hi - lo) * store.d_model * itemsize <= budget,
+                      base_loss_grad=get_loss_grad(backend, dev), distributed=world > 1)
+        mean_m, scale_m = X.column_stats(stat_w, constant_scale=math.inf)
+        Y, S = Y[:, lo:hi], S[:, lo:hi]
+        cov_rows = covariance_rows(masks[-1].float(), 4096)
+        cov_X, cov_w = X.read(lab_rows[cov_rows]), torch.ones(cov_rows.numel())
+        solve = {"loss_grad": X.loss_grad, "reduce": X.reduce}
+    else:
+        X = _load_hooks(store, hook_names, all_rows, dev, progress)
+        mean_m, scale_m = column_stats(X, stat_w, constant_scale=math.inf)
+        cov_X, cov_w, solve = X, masks[-1].float(), {}
     _check_stats_finite(X, hook_names, mean_m, scale_m)
     mean_m, scale_m = mean_m[:, :-1], scale_m[:, :-1]
     sel = torch.arange(P) // cols % n_masks
     mean, scale = mean_m[:, sel], scale_m[:, sel]
-    pre = preconditioner(precondition, X, masks[-1].float(), mean_m[:, -1], scale_m[:, -1], len(Cs))
+    pre = preconditioner(precondition, cov_X, cov_w, mean_m[:, -1], scale_m[:, -1], len(Cs))
+    del cov_X
     res = fit_logistic(
         X, Y, S, Cvec, mean=mean, scale=scale, **pre, max_iter=max_iter, tol=tol, backend=backend,
-        progress=progress, desc=f"probes ({H} hooks x {P} problems)",
+        progress=progress, desc=f"probes ({H} hooks x {P} problems)", **solve,
     )
     W, b = res.effective(mean, scale)
-    Z = linear_scores(X, W, b).cpu()  # [H, P, N]
+    Z = X.scores(W, b) if streamed else linear_scores(X, W, b).cpu()  # [H, P, N]
     del X
 
     def scores_of(h: int, ci: int, mi: int) -> Tensor:

@@ -139,6 +139,7 @@ def fit_logistic(
     memory: int = 20,
     backend: str = "auto",
     loss_grad=None,
+    reduce=None,
     progress: bool = False,
     desc: str = "probes",
     warn: bool = True,
@@ -153,6 +154,12 @@ def fit_logistic(
     C, with the median ``sw``) and 4 for the intercept. ``precond_rows`` ``Z`` instead gives ``Sigma = Z^T Z`` by
     ``n < d`` rows (:func:`feature_rows`): the inverses are then ``n x n`` (Woodbury identity), cheaper to make
     and to apply.
+
+    ``X`` may also be any object with ``shape``, ``device``, ``dim()`` and hook slicing (``X[lo:hi]``) that the
+    given ``loss_grad`` reads (:mod:`interp.probes.streaming`: a store streamed in chunks). With ``reduce`` (a
+    sum over processes, e.g. an all-reduce), ``Y``/``S`` hold this process's rows only and ``loss_grad`` returns
+    the sums over every process's rows: the total sample weights are reduced here too, and every process then
+    runs the same iterations to the same optimum.
     """
     if X.dim() != 3:
         raise AnalysisError(f"fit_logistic needs X of shape [H, N, d], got {list(X.shape)}")
@@ -169,6 +176,8 @@ def fit_logistic(
 
         loss_grad = get_loss_grad(backend, dev)
     sw = S.sum(-1)  # [P]
+    if reduce is not None:
+        sw = reduce(sw)
     if (sw <= 0).any():
         raise AnalysisError("a probe has no training rows (all sample weights are 0); check the labels and splits")
     Cv = torch.as_tensor(C, dtype=f32, device=dev).expand(P).clone()
@@ -473,11 +482,22 @@ def column_stats(
     s1 = torch.zeros(H, S.shape[0], d, device=X.device)
     s2 = torch.zeros_like(s1)
     for lo in range(0, N, chunk):
-        xc = X[:, lo : lo + chunk].float() - shift
-        sc = S[:, lo : lo + chunk]
-        s1 += torch.einsum("pn,hnd->hpd", sc, xc)
-        s2 += torch.einsum("pn,hnd->hpd", sc, xc * xc)
-    sw = S.sum(-1)[None, :, None].clamp_min(1e-12)
+        shifted_moments(X[:, lo : lo + chunk], S[:, lo : lo + chunk], shift, s1, s2)
+    return stats_from_moments(s1, s2, S.sum(-1), shift, constant_scale)
+
+
+def shifted_moments(X: Float[Tensor, "H n d"], S: Float[Tensor, "P n"], shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    """Add the weighted sums of ``x - shift`` and ``(x - shift)^2`` over the rows of ``X`` into ``s1``/``s2``."""
+    xc = X.float() - shift
+    s1 += torch.einsum("pn,hnd->hpd", S, xc)
+    s2 += torch.einsum("pn,hnd->hpd", S, xc * xc)
+
+
+def stats_from_moments(
+    s1: Tensor, s2: Tensor, sw: Float[Tensor, " P"], shift: Tensor, constant_scale: float
+) -> tuple[Float[Tensor, "H P d"], Float[Tensor, "H P d"]]:
+    """:func:`column_stats`' mean and standard deviation from the shifted moment sums and total weights."""
+    sw = sw[None, :, None].clamp_min(1e-12)
     m1 = s1 / sw
     var = (s2 / sw - m1 * m1).clamp_min(0.0)
     mean = m1 + shift
@@ -514,7 +534,7 @@ def feature_covariance(
     read, in float32 chunks (``X`` is not copied whole).
     """
     H, N, d = X.shape
-    rows = _covariance_rows(weights, max_rows).to(X.device)
+    rows = covariance_rows(weights, max_rows).to(X.device)
     cov = torch.zeros(H, d, d, device=X.device)
     for lo in range(0, rows.numel(), chunk):
         xc = _standardised(X, rows[lo : lo + chunk], mean, scale)
@@ -538,13 +558,13 @@ def feature_rows(
     """The rows ``Z`` with ``Z^T Z`` = :func:`feature_covariance`'s estimate, when they are fewer than ``d``
     (then the preconditioner is cheaper through them); None otherwise."""
     H, N, d = X.shape
-    rows = _covariance_rows(weights, max_rows)
+    rows = covariance_rows(weights, max_rows)
     if rows.numel() >= d:
         return None
     return _standardised(X, rows.to(X.device), mean, scale) / math.sqrt(max(1, rows.numel()))
 
 
-def _covariance_rows(weights: Tensor, max_rows: int) -> Tensor:
+def covariance_rows(weights: Tensor, max_rows: int) -> Tensor:
     """At most ``max_rows`` evenly spaced rows with non-zero weight."""
     rows = torch.nonzero(weights.to("cpu") > 0).flatten()
     if rows.numel() > max_rows:
