@@ -50,6 +50,10 @@ from interp.store import ActivationStore, atomic_write_json, layer_of
 PROBE_FORMAT = "interp.linear_probe"
 _PARAMS = ("C", "max_iter", "tol", "backend", "device", "standardize", "precondition")
 SWEEP_FORMAT = "interp.probe_sweep"
+# L-BFGS memory of sweeps: scipy's 10. With the preconditioner a sweep takes ~10-50 iterations; on small stores
+# the two-loop recursion over the pairs is a large part of each iteration's cost, and 10 pairs converged in as
+# few passes as 20 (bench/probes.py: 50 vs 53 passes on the small sweep, 13 vs 13 on the 20k-row one)
+SWEEP_MEMORY = 10
 FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -65,18 +69,24 @@ def auroc(scores: Float[Tensor, " n"], y: Int[Tensor, " n"]) -> float:
 
     NaN when ``y`` has only one class.
     """
-    s = _as_1d(scores, torch.float64)
-    pos = _as_1d(y, torch.int64) == 1
+    return float(_auroc_rows(_as_1d(scores, torch.float64)[None], _as_1d(y, torch.int64) == 1)[0])
+
+
+def _auroc_rows(s: Float[Tensor, "B n"], pos: Tensor) -> Float[Tensor, " B"]:
+    """:func:`auroc` of every row of ``s`` (float64) against the same positives ``pos`` [n] (bool)."""
+    B, n = s.shape
     n_pos = int(pos.sum())
-    n_neg = s.numel() - n_pos
+    n_neg = n - n_pos
     if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    sorted_s, order = torch.sort(s)
-    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
-    avg_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based average rank of each tie group
-    ranks = torch.empty_like(s)
-    ranks[order] = avg_rank[inverse]
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+        return torch.full((B,), math.nan, dtype=torch.float64)
+    sorted_s, order = torch.sort(s, dim=1)
+    idx = torch.arange(n).expand(B, n)
+    differs = sorted_s[:, 1:] != sorted_s[:, :-1]
+    true = torch.ones(B, 1, dtype=torch.bool)
+    first = torch.where(torch.cat([true, differs], 1), idx, 0).cummax(1).values  # start of each tie group
+    last = torch.where(torch.cat([differs, true], 1), idx, n).flip(1).cummin(1).values.flip(1)  # its end
+    ranks = torch.empty_like(s).scatter_(1, order, (first + last).double() / 2 + 1)  # 1-based average ranks
+    return (ranks[:, pos].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def recall_at_fpr(
@@ -87,16 +97,20 @@ def recall_at_fpr(
     NaN (undefined, not a number to report) with one class, or with fewer than ``min_negatives`` negatives
     (default ``ceil(1 / fpr)``: 100 at 1%): with fewer, a false-positive rate of ``fpr`` cannot even be observed."""
     s = _as_1d(scores, torch.float64)
-    pos = _as_1d(y, torch.int64) == 1
-    if not bool(pos.any()) or bool(pos.all()):
-        return float("nan")
+    return float(_recall_rows(s[None], _as_1d(y, torch.int64) == 1, fpr, min_negatives)[0])
+
+
+def _recall_rows(s: Float[Tensor, "B n"], pos: Tensor, fpr: float = 0.01, min_negatives: int | None = None) -> Tensor:
+    """:func:`recall_at_fpr` of every row of ``s`` against the same positives ``pos`` [n] (bool)."""
+    B = s.shape[0]
     need = math.ceil(1.0 / fpr - 1e-9) if min_negatives is None else int(min_negatives)
-    if int((~pos).sum()) < need:
-        return float("nan")
-    neg_sorted = torch.sort(s[~pos], descending=True).values
-    k = int(math.floor(fpr * neg_sorted.numel() + 1e-9))  # negatives allowed above the threshold
-    thr = neg_sorted[k] if k < neg_sorted.numel() else torch.tensor(-math.inf, dtype=torch.float64)
-    return float((s[pos] > thr).double().mean())
+    n_neg = int((~pos).sum())
+    if not bool(pos.any()) or n_neg == 0 or n_neg < need:
+        return torch.full((B,), math.nan, dtype=torch.float64)
+    neg_sorted = torch.sort(s[:, ~pos], dim=1, descending=True).values
+    k = int(math.floor(fpr * n_neg + 1e-9))  # negatives allowed above the threshold
+    thr = neg_sorted[:, k : k + 1] if k < n_neg else torch.full((B, 1), -math.inf, dtype=torch.float64)
+    return (s[:, pos] > thr).double().mean(1)
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -111,8 +125,15 @@ def binary_metrics(scores: Float[Tensor, " n"], y: Int[Tensor, " n"], threshold:
     yy = _as_1d(y, torch.int64)
     if s.numel() != yy.numel():
         raise AnalysisError(f"{s.numel()} scores for {yy.numel()} labels")
-    acc = float(((s > threshold).long() == yy).double().mean()) if s.numel() else float("nan")
-    return {"accuracy": acc, "auroc": auroc(s, yy), "recall_at_1pct_fpr": recall_at_fpr(s, yy, 0.01)}
+    return _binary_rows(s[None], yy, threshold)[0]
+
+
+def _binary_rows(s: Float[Tensor, "B n"], y: Int[Tensor, " n"], threshold: float = 0.0) -> list[dict[str, float]]:
+    """:func:`binary_metrics` of every row of ``s`` (float64) against the same labels ``y``."""
+    pos = y == 1
+    acc = ((s > threshold).long() == y).double().mean(1) if s.shape[1] else torch.full((s.shape[0],), math.nan)
+    cols = zip(acc.tolist(), _auroc_rows(s, pos).tolist(), _recall_rows(s, pos, 0.01).tolist())
+    return [{"accuracy": a, "auroc": u, "recall_at_1pct_fpr": r} for a, u, r in cols]
 
 
 def multiclass_metrics(scores: Float[Tensor, "n k"], y: Int[Tensor, " n"]) -> dict[str, float]:
@@ -731,7 +752,8 @@ def train_probes(
     holds or streams a slice of the rows and the sums are all-reduced: every rank returns the same sweep as one
     process would (:mod:`interp.probes.streaming`). ``precondition`` ("auto", True, False) uses each
     hook's feature covariance (estimated from at most 4096 rows) to precondition L-BFGS, which cuts the number
-    of passes over the activations several-fold; "auto" skips it when ``d_model`` makes it costly.
+    of passes over the activations several-fold; "auto" skips it when ``d_model`` makes it costly, and when
+    there are fewer training rows than features (there the passes are cheap and the preconditioner is not).
     """
     store = _open(store)
     budget = check_budget(max_memory_mb)
@@ -829,20 +851,30 @@ def train_probes(
     mean_m, scale_m = mean_m[:, :-1], scale_m[:, :-1]
     sel = torch.arange(P) // cols % n_masks
     mean, scale = mean_m[:, sel], scale_m[:, sel]
+    if precondition == "auto" and int(in_fit.sum()) < store.d_model:
+        # fewer training rows than features: a pass is cheap, and the preconditioner (an eigendecomposition
+        # per hook, two more products per iteration) costs more than the passes it saves (bench/probes.py
+        # --small: 50 passes with it, 69 without, a quarter less time without; also at tol 1e-6)
+        precondition = False
     pre = preconditioner(precondition, cov_X, cov_w, mean_m[:, -1], scale_m[:, -1], len(Cs))
     del cov_X
     res = fit_logistic(
         X, Y, S, Cvec, mean=mean, scale=scale, **pre, max_iter=max_iter, tol=tol, backend=backend,
-        progress=progress, desc=f"probes ({H} hooks x {P} problems)", **solve,
+        progress=progress, desc=f"probes ({H} hooks x {P} problems)", memory=SWEEP_MEMORY, **solve,
     )
     W, b = res.effective(mean, scale)
     Z = X.scores(W, b) if streamed else linear_scores(X, W, b).cpu()  # [H, P, N]
     del X
 
-    def scores_of(h: int, ci: int, mi: int) -> Tensor:
-        p0 = (ci * n_masks + mi) * cols
-        z = Z[h, p0 : p0 + cols]  # [cols, N]
-        return z[0] if cols == 1 else z.T
+    Zm = Z.reshape(H, len(Cs), n_masks, cols, N)
+
+    def metrics_at(mi: int, rows: Tensor) -> list[list[dict[str, float]]]:
+        """Metrics ``[hook][C]`` of the probes of mask ``mi`` on the rows ``rows`` (bool [N])."""
+        z, yr = Zm[:, :, mi][..., rows], y_used[rows]  # [H, nC, cols, n]
+        if cols == 1:  # binary: every hook and C in one batch
+            flat = _binary_rows(z.reshape(-1, z.shape[-1]).double(), yr)
+            return [flat[h * len(Cs) : (h + 1) * len(Cs)] for h in range(H)]
+        return [[multiclass_metrics(z[h, ci].T, yr) for ci in range(len(Cs))] for h in range(H)]
 
     rows_out: list[dict[str, Any]] = []
     cv_results: list[dict[str, Any]] = []
@@ -850,27 +882,25 @@ def train_probes(
     test_mask = torch.zeros(N, dtype=torch.bool)
     if test_pos is not None:
         test_mask[test_pos] = True
-    y_test = y_used[test_mask]
     majority_ref = y_used[test_mask] if test_pos is not None and n_folds == 0 else y_used[in_fit]
     majority = float(torch.bincount(majority_ref, minlength=K).max()) / max(1, majority_ref.numel())
+    tr_m = [metrics_at(f, masks[f]) for f in range(n_folds)]
+    ho_m = [metrics_at(f, fold == f) for f in range(n_folds)]
+    final_m = metrics_at(n_masks - 1, in_fit)
+    test_all = metrics_at(n_masks - 1, test_mask) if test_pos is not None else None
     for h, hook in enumerate(hook_names):
         best = None
         for ci, c in enumerate(Cs):
             entry: dict[str, Any] = {"hook": hook, "C": c}
             if n_folds:
-                tr, ho = [], []
-                for f in range(n_folds):
-                    z = scores_of(h, ci, f)
-                    tr.append(_metrics(z[masks[f]], y_used[masks[f]]))
-                    held = fold == f
-                    ho.append(_metrics(z[held], y_used[held]))
+                tr = [tr_m[f][h][ci] for f in range(n_folds)]
+                ho = [ho_m[f][h][ci] for f in range(n_folds)]
                 for name in ("accuracy", "auroc", "recall_at_1pct_fpr"):
                     entry[f"train_{name}"] = _nanmean([m[name] for m in tr])
                     entry[f"heldout_{name}"] = _nanmean([m[name] for m in ho])
                 entry["heldout_accuracy_std"] = float(np.std([m["accuracy"] for m in ho]))
-            zf = scores_of(h, ci, n_masks - 1)
-            final_train = _metrics(zf[in_fit], y_used[in_fit])
-            test_m = _metrics(zf[test_mask], y_test) if test_pos is not None else None
+            final_train = final_m[h][ci]
+            test_m = test_all[h][ci] if test_all is not None else None
             if not n_folds:
                 for name in ("accuracy", "auroc", "recall_at_1pct_fpr"):
                     entry[f"train_{name}"] = final_train[name]
