@@ -66,6 +66,19 @@ def test_streaming_matches_in_memory(tmp_path, monkeypatch, classes, dtype):
     assert all(r["converged"] for r in got.rows)
 
 
+def test_streaming_scattered_rows_and_test_split(tmp_path):
+    """A subsample (scattered store rows, read span by span) scored on a random test split, streamed, gives the
+    in-memory probes and metrics."""
+    store = make_store(tmp_path / "s", n=900)
+    kw = dict(cv=None, test="random", max_rows=500, C=[0.3, 3.0], tol=TOL, max_iter=2000, progress=False)
+    ref = train_probes(store, **kw)
+    got = train_probes(store, max_memory_mb=0.01, **kw)
+    assert got.config["n_rows"] == 500 and got.config["split"] == "random"
+    same_probes(ref, got, atol=1e-3)
+    for ra, rb in zip(ref.rows, got.rows):
+        assert ra["heldout_auroc"] == pytest.approx(rb["heldout_auroc"], abs=0.01)
+
+
 def test_spans_and_slices():
     rows = torch.tensor([0, 1, 2, 10, 11, 30, 31, 32, 33])
     assert _spans(rows, 4) == [(0, 3), (3, 5), (5, 9)]
