@@ -318,7 +318,7 @@ def test_notebook_runs():
 
 @pytest.mark.parametrize("Cs", [[0.1, 0.1, 1.0, 1.0], [0.1, 1.0, 0.1, 1.0]])  # C in blocks (batched) or interleaved
 def test_solver_preconditioners_reach_the_same_optimum(Cs):
-    """Fewer rows than features (a small store): the covariance's rows (Woodbury, n x n inverses), the dense
+    """Fewer rows than features (a small store): the covariance's rows (their Gram matrix's eigenvectors), the dense
     covariance and no preconditioner all reach scikit-learn's optimum, whatever the layout of the values of C."""
     from interp.probes.solver import column_stats, feature_covariance, feature_rows, fit_logistic
 
@@ -344,6 +344,12 @@ def test_solver_preconditioners_reach_the_same_optimum(Cs):
     assert all(bool(f.converged.all()) for f in fits)
     for f in fits[1:]:
         assert cos(f.coef, fits[0].coef) > 0.9999
+    # the same initial matrix either way: the first step (w = 0 -> -H0 g) is the same with the rows and the dense
+    # covariance, and differs without a preconditioner
+    first = [fit_logistic(X, Y, S, torch.tensor(Cs), warn=False, **pre, **{**kw, "max_iter": 1})
+             for pre in ({"precond_rows": Z}, {"precond": cov}, {})]
+    torch.testing.assert_close(first[0].coef, first[1].coef, rtol=2e-3, atol=2e-4)
+    assert cos(first[0].coef, first[2].coef) < 0.99
     for h in range(H):
         for p, c in enumerate(Cs):
             rows = S[p] > 0

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-rows", type=int, default=None, help="subsample this many labelled rows (seeded)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--max-memory-mb", type=float, default=4096,
+                   help="hold the selected rows in memory up to this many MiB, else stream the store in chunks "
+                        "(default: 4096). Under torchrun, each rank handles a slice of the rows (gloo)")
     p.add_argument("--out", default=None, help="directory for sweep.json, probes.safetensors and sweep.html")
     p.add_argument("--json", action="store_true", help="print the per-hook table and the best hook as one JSON document")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,9 +78,40 @@ def sweep_report(
                               self_contained=self_contained)
 
 
+def torchrun_group() -> bool:
+    """Initialise a gloo process group from torchrun's environment variables (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``) when they are set and no group exists; True when this call made one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    from interp.errors import ConfigError
+
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+    if dist.is_initialized():
+        return False
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ConfigError("RANK/WORLD_SIZE are set without MASTER_ADDR/MASTER_PORT: launch with torchrun")
+    dist.init_process_group("gloo")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
+    made = torchrun_group()
+    try:
+        return _run(args)
+    finally:
+        if made:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
     from interp.errors import ConfigError
     from interp.probes.linear import train_probes
+    from interp.probes.streaming import group
     from interp.store import ActivationStore
 
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -94,8 +128,11 @@ def run(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         backend=args.backend,
         device=args.device,
+        max_memory_mb=args.max_memory_mb,
         progress=not args.quiet,
     )
+    if group()[0] != 0:  # every rank holds the same sweep; rank 0 writes and prints it
+        return 0
     if args.out:
         out = Path(args.out)
         from interp.reports import probe_sweep_report

@@ -7,8 +7,8 @@ the activations themselves are never copied or upcast as a whole.
 
 Multi-class labels are fit one-vs-rest: class ``c`` is one more column of the batched problem with targets
 ``y == c``; ``predict_proba`` normalises the per-class sigmoids (as scikit-learn's ``OneVsRestClassifier``).
-Metrics are computed in torch (no scikit-learn at runtime): accuracy, AUROC (tie-aware Mann-Whitney) and the
-recall at a 1% false-positive rate; for several classes AUROC and recall are one-vs-rest macro averages.
+Metrics (accuracy, AUROC, recall at 1% FPR) are computed in torch by :mod:`interp.probes.metrics`, batched
+over a sweep's hooks and values of C.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ from interp.artifacts import save_tensors as _save_tensors
 from interp.devices import resolve_device
 from interp.errors import AnalysisError, ConfigError, InterpError
 from interp.probes.estimator import EstimatorProtocol, ProbeInputError, validate_sample_weight
+from interp.probes.kernel import get_loss_grad
+from interp.probes.metrics import _binary_rows, _metrics, _nanmean, multiclass_metrics
+from interp.probes.metrics import auroc, binary_metrics, recall_at_fpr  # noqa: F401  (public here too)
 from interp.probes.solver import (
+    covariance_rows,
     column_stats,
     feature_covariance,
     feature_rows,
@@ -42,95 +46,17 @@ from interp.probes.solver import (
     linear_scores,
     precondition_worthwhile,
 )
+from interp.probes.streaming import StoreRows, check_budget, chunk_rows, group, rank_slice
 from interp.store import ActivationStore, atomic_write_json, layer_of
 
 PROBE_FORMAT = "interp.linear_probe"
 _PARAMS = ("C", "max_iter", "tol", "backend", "device", "standardize", "precondition")
 SWEEP_FORMAT = "interp.probe_sweep"
+# L-BFGS memory of sweeps: scipy's 10. With the preconditioner a sweep takes ~10-50 iterations; on small stores
+# the two-loop recursion over the pairs is a large part of each iteration's cost, and 10 pairs converged in as
+# few passes as 20 (bench/probes.py: 50 vs 53 passes on the small sweep, 13 vs 13 on the 20k-row one)
+SWEEP_MEMORY = 10
 FORMAT_VERSION = 1
-
-# ----------------------------------------------------------------------------------------------- metrics
-
-
-def _as_1d(x: Any, dtype: torch.dtype) -> Tensor:
-    t = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
-    return t.detach().reshape(-1).to("cpu", dtype)
-
-
-def auroc(scores: Float[Tensor, " n"], y: Int[Tensor, " n"]) -> float:
-    """Area under the ROC curve of ``scores`` for the positive class ``y == 1`` (ties count one half).
-
-    NaN when ``y`` has only one class.
-    """
-    s = _as_1d(scores, torch.float64)
-    pos = _as_1d(y, torch.int64) == 1
-    n_pos = int(pos.sum())
-    n_neg = s.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    sorted_s, order = torch.sort(s)
-    _, inverse, counts = torch.unique_consecutive(sorted_s, return_inverse=True, return_counts=True)
-    avg_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based average rank of each tie group
-    ranks = torch.empty_like(s)
-    ranks[order] = avg_rank[inverse]
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def recall_at_fpr(
-    scores: Float[Tensor, " n"], y: Int[Tensor, " n"], fpr: float = 0.01, min_negatives: int | None = None
-) -> float:
-    """The largest recall among thresholds whose false-positive rate is at most ``fpr``.
-
-    NaN (undefined, not a number to report) with one class, or with fewer than ``min_negatives`` negatives
-    (default ``ceil(1 / fpr)``: 100 at 1%): with fewer, a false-positive rate of ``fpr`` cannot even be observed."""
-    s = _as_1d(scores, torch.float64)
-    pos = _as_1d(y, torch.int64) == 1
-    if not bool(pos.any()) or bool(pos.all()):
-        return float("nan")
-    need = math.ceil(1.0 / fpr - 1e-9) if min_negatives is None else int(min_negatives)
-    if int((~pos).sum()) < need:
-        return float("nan")
-    neg_sorted = torch.sort(s[~pos], descending=True).values
-    k = int(math.floor(fpr * neg_sorted.numel() + 1e-9))  # negatives allowed above the threshold
-    thr = neg_sorted[k] if k < neg_sorted.numel() else torch.tensor(-math.inf, dtype=torch.float64)
-    return float((s[pos] > thr).double().mean())
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    """Mean of the defined values; NaN (not a warning) when none is defined, e.g. recall with too few negatives."""
-    v = [x for x in values if not math.isnan(x)]
-    return float(np.mean(v)) if v else float("nan")
-
-
-def binary_metrics(scores: Float[Tensor, " n"], y: Int[Tensor, " n"], threshold: float = 0.0) -> dict[str, float]:
-    """``accuracy`` (score > threshold means class 1), ``auroc`` and ``recall_at_1pct_fpr`` of binary scores."""
-    s = _as_1d(scores, torch.float64)
-    yy = _as_1d(y, torch.int64)
-    if s.numel() != yy.numel():
-        raise AnalysisError(f"{s.numel()} scores for {yy.numel()} labels")
-    acc = float(((s > threshold).long() == yy).double().mean()) if s.numel() else float("nan")
-    return {"accuracy": acc, "auroc": auroc(s, yy), "recall_at_1pct_fpr": recall_at_fpr(s, yy, 0.01)}
-
-
-def multiclass_metrics(scores: Float[Tensor, "n k"], y: Int[Tensor, " n"]) -> dict[str, float]:
-    """Accuracy of the arg-max class; AUROC and recall at 1% FPR as one-vs-rest macro averages."""
-    s = scores.detach().to("cpu", torch.float64)
-    yy = _as_1d(y, torch.int64)
-    acc = float((s.argmax(1) == yy).double().mean()) if yy.numel() else float("nan")
-    aucs, recalls = [], []
-    for c in range(s.shape[1]):
-        yc = (yy == c).long()
-        if 0 < int(yc.sum()) < yc.numel():
-            aucs.append(auroc(s[:, c], yc))
-            recalls.append(recall_at_fpr(s[:, c], yc))
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return {"accuracy": acc, "auroc": mean(aucs), "recall_at_1pct_fpr": mean(recalls)}
-
-
-def _metrics(scores: Tensor, y: Tensor) -> dict[str, float]:
-    """Binary metrics for ``[n]`` logits, multi-class for ``[n, k]`` one-vs-rest logits."""
-    return binary_metrics(scores, y) if scores.dim() == 1 else multiclass_metrics(scores, y)
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -668,14 +594,20 @@ def _load_hooks(
     return X
 
 
-def _check_stats_finite(X: Tensor, hooks: list[str], *stats: Tensor) -> None:
+def _check_stats_finite(X: Tensor | StoreRows, hooks: list[str], *stats: Tensor) -> None:
     """NaN/inf anywhere in ``X`` makes its column statistics NaN (:func:`column_stats`; an infinite scale
     marks a constant feature): check those, and only on failure look for the offending hook, so that finite
     data costs no extra pass."""
     if not any(bool(t.isnan().any()) for t in stats):
         return
     for i, h in enumerate(hooks):
-        check_finite(X[i], f"hook {h}")
+        if isinstance(X, Tensor):
+            check_finite(X[i], f"hook {h}")
+        elif any(bool(t[i].isnan().any()) for t in stats):  # streamed: the hook's statistics name it
+            raise ProbeInputError(
+                f"hook {h}: its activations contain NaN or inf (or overflow float32); recapture in float32 or "
+                "bfloat16, or pass rows= without them"
+            )
     raise AnalysisError(
         "activations are too large to standardise in float32 (|x| above ~1e18); rescale or recapture them"
     )
@@ -698,6 +630,7 @@ def train_probes(
     precondition: bool | str = "auto",
     backend: str = "auto",
     device: str | torch.device | None = None,
+    max_memory_mb: float | None = 4096,
     progress: bool = True,
 ) -> ProbeSweep:
     """Train a logistic probe for every hook at once: one batched problem over hooks x folds x C x classes.
@@ -714,12 +647,18 @@ def train_probes(
     values of ``C`` are all fit; each hook keeps the one with the best CV accuracy. ``best_hook`` has the best
     held-out accuracy (ties: AUROC, then the earlier hook).
 
-    All selected hooks' rows are held in memory (in the store dtype) on ``device`` (default: CUDA when
-    available); use ``max_rows`` for large token-level stores. ``precondition`` ("auto", True, False) uses each
+    The selected hooks' rows are held in memory (in the store dtype) on ``device`` (default: CUDA when
+    available) when they fit ``max_memory_mb`` (MiB; None: no limit); otherwise they are streamed from the store
+    in chunks, every L-BFGS evaluation one pass over it: the same full-batch optimum, a pass costing a read of
+    the store. Under ``torch.distributed`` (a process group already initialised, e.g. by torchrun) each rank
+    holds or streams a slice of the rows and the sums are all-reduced: every rank returns the same sweep as one
+    process would (:mod:`interp.probes.streaming`). ``precondition`` ("auto", True, False) uses each
     hook's feature covariance (estimated from at most 4096 rows) to precondition L-BFGS, which cuts the number
-    of passes over the activations several-fold; "auto" skips it when ``d_model`` makes it costly.
+    of passes over the activations several-fold; "auto" skips it when ``d_model`` makes it costly, and when
+    there are fewer training rows than features (there the passes are cheap and the preconditioner is not).
     """
     store = _open(store)
+    budget = check_budget(max_memory_mb)
     hook_names = store.resolve_hooks(hooks)
     Cs = [float(c) for c in (C if isinstance(C, (list, tuple, np.ndarray, Tensor)) else [C])]
     if not Cs or any(c <= 0 or not math.isfinite(c) for c in Cs):
@@ -762,8 +701,11 @@ def train_probes(
     all_rows = lab_rows if not (N == len(store) and bool((lab_rows == torch.arange(N)).all())) else None
 
     dev = resolve_device(device)
-    X = _load_hooks(store, hook_names, all_rows, dev, progress)
     H = len(hook_names)
+    rank, world = group()
+    progress = progress and rank == 0
+    itemsize = torch.empty(0, dtype=store.dtype).element_size()
+    streamed = world > 1 or (budget is not None and H * N * store.d_model * itemsize > budget)
 
     # ---- problems: for each C, for each fold (then the final fit), for each class column
     n_folds = k if k >= 2 else 0
@@ -792,26 +734,49 @@ def train_probes(
     n_masks = len(masks)
     # standardisation statistics per training-row mask (shared by its class columns), plus one over every row
     # so that a NaN/inf anywhere is caught without a separate pass
-    mean_m, scale_m = column_stats(
-        X, torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev), constant_scale=math.inf
-    )
+    stat_w = torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev)
+    if streamed:
+        lo, hi = rank_slice(N, rank, world)
+        X = StoreRows(store, hook_names, lab_rows, lo, hi, dev, chunk_rows(budget, H, store.d_model, itemsize, P),
+                      hold=budget is None or H * (hi - lo) * store.d_model * itemsize <= budget,
+                      base_loss_grad=get_loss_grad(backend, dev), distributed=world > 1)
+        mean_m, scale_m = X.column_stats(stat_w, constant_scale=math.inf)
+        Y, S = Y[:, lo:hi], S[:, lo:hi]
+        cov_rows = covariance_rows(masks[-1].float(), 4096)
+        cov_X, cov_w = X.read(lab_rows[cov_rows]), torch.ones(cov_rows.numel())
+        solve = {"loss_grad": X.loss_grad, "reduce": X.reduce}
+    else:
+        X = _load_hooks(store, hook_names, all_rows, dev, progress)
+        mean_m, scale_m = column_stats(X, stat_w, constant_scale=math.inf)
+        cov_X, cov_w, solve = X, masks[-1].float(), {}
     _check_stats_finite(X, hook_names, mean_m, scale_m)
     mean_m, scale_m = mean_m[:, :-1], scale_m[:, :-1]
     sel = torch.arange(P) // cols % n_masks
     mean, scale = mean_m[:, sel], scale_m[:, sel]
-    pre = preconditioner(precondition, X, masks[-1].float(), mean_m[:, -1], scale_m[:, -1], len(Cs))
+    if precondition == "auto" and int(in_fit.sum()) < store.d_model:
+        # fewer training rows than features: a pass is cheap, and the preconditioner (an eigendecomposition
+        # per hook, two more products per iteration) costs more than the passes it saves (bench/probes.py
+        # --small: 50 passes with it, 69 without, a quarter less time without; also at tol 1e-6)
+        precondition = False
+    pre = preconditioner(precondition, cov_X, cov_w, mean_m[:, -1], scale_m[:, -1], len(Cs))
+    del cov_X
     res = fit_logistic(
         X, Y, S, Cvec, mean=mean, scale=scale, **pre, max_iter=max_iter, tol=tol, backend=backend,
-        progress=progress, desc=f"probes ({H} hooks x {P} problems)",
+        progress=progress, desc=f"probes ({H} hooks x {P} problems)", memory=SWEEP_MEMORY, **solve,
     )
     W, b = res.effective(mean, scale)
-    Z = linear_scores(X, W, b).cpu()  # [H, P, N]
+    Z = X.scores(W, b) if streamed else linear_scores(X, W, b).cpu()  # [H, P, N]
     del X
 
-    def scores_of(h: int, ci: int, mi: int) -> Tensor:
-        p0 = (ci * n_masks + mi) * cols
-        z = Z[h, p0 : p0 + cols]  # [cols, N]
-        return z[0] if cols == 1 else z.T
+    Zm = Z.reshape(H, len(Cs), n_masks, cols, N)
+
+    def metrics_at(mi: int, rows: Tensor) -> list[list[dict[str, float]]]:
+        """Metrics ``[hook][C]`` of the probes of mask ``mi`` on the rows ``rows`` (bool [N])."""
+        z, yr = Zm[:, :, mi][..., rows], y_used[rows]  # [H, nC, cols, n]
+        if cols == 1:  # binary: every hook and C in one batch
+            flat = _binary_rows(z.reshape(-1, z.shape[-1]).double(), yr)
+            return [flat[h * len(Cs) : (h + 1) * len(Cs)] for h in range(H)]
+        return [[multiclass_metrics(z[h, ci].T, yr) for ci in range(len(Cs))] for h in range(H)]
 
     rows_out: list[dict[str, Any]] = []
     cv_results: list[dict[str, Any]] = []
@@ -819,27 +784,25 @@ def train_probes(
     test_mask = torch.zeros(N, dtype=torch.bool)
     if test_pos is not None:
         test_mask[test_pos] = True
-    y_test = y_used[test_mask]
     majority_ref = y_used[test_mask] if test_pos is not None and n_folds == 0 else y_used[in_fit]
     majority = float(torch.bincount(majority_ref, minlength=K).max()) / max(1, majority_ref.numel())
+    tr_m = [metrics_at(f, masks[f]) for f in range(n_folds)]
+    ho_m = [metrics_at(f, fold == f) for f in range(n_folds)]
+    final_m = metrics_at(n_masks - 1, in_fit)
+    test_all = metrics_at(n_masks - 1, test_mask) if test_pos is not None else None
     for h, hook in enumerate(hook_names):
         best = None
         for ci, c in enumerate(Cs):
             entry: dict[str, Any] = {"hook": hook, "C": c}
             if n_folds:
-                tr, ho = [], []
-                for f in range(n_folds):
-                    z = scores_of(h, ci, f)
-                    tr.append(_metrics(z[masks[f]], y_used[masks[f]]))
-                    held = fold == f
-                    ho.append(_metrics(z[held], y_used[held]))
+                tr = [tr_m[f][h][ci] for f in range(n_folds)]
+                ho = [ho_m[f][h][ci] for f in range(n_folds)]
                 for name in ("accuracy", "auroc", "recall_at_1pct_fpr"):
                     entry[f"train_{name}"] = _nanmean([m[name] for m in tr])
                     entry[f"heldout_{name}"] = _nanmean([m[name] for m in ho])
                 entry["heldout_accuracy_std"] = float(np.std([m["accuracy"] for m in ho]))
-            zf = scores_of(h, ci, n_masks - 1)
-            final_train = _metrics(zf[in_fit], y_used[in_fit])
-            test_m = _metrics(zf[test_mask], y_test) if test_pos is not None else None
+            final_train = final_m[h][ci]
+            test_m = test_all[h][ci] if test_all is not None else None
             if not n_folds:
                 for name in ("accuracy", "auroc", "recall_at_1pct_fpr"):
                     entry[f"train_{name}"] = final_train[name]

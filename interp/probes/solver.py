@@ -40,7 +40,10 @@ Why L-BFGS, and this variant
   two-loop recursion skips exactly (it only shortens that problem's memory). The recursion runs over the
   slots written so far, and the initial matrix is applied once per iteration, to the recursion's vector and
   the new pairs' ``y`` (for the scale ``gamma``) together; with several values of C laid out in contiguous
-  blocks (as ``train_probes`` does), that is one batched product. On small problems (a few hundred rows) this
+  blocks (as ``train_probes`` does), that is one batched product. When the covariance estimate has fewer rows
+  than features (small stores), the initial matrices come from one eigendecomposition per hook (of the rows'
+  Gram matrix) for every value of C, and ``gamma`` needs only the new pairs' coordinates on its eigenvectors,
+  not a full product. On small problems (a few hundred rows) this
   bookkeeping, not the passes, is the cost of a sweep; so problems (columns) whose every hook has converged
   leave the batch once they are half of it, and the last slow problems iterate alone.
 * Accumulation is float32 (the kernel's), the L-BFGS state is float32; the stopping test (largest entry of
@@ -139,6 +142,7 @@ def fit_logistic(
     memory: int = 20,
     backend: str = "auto",
     loss_grad=None,
+    reduce=None,
     progress: bool = False,
     desc: str = "probes",
     warn: bool = True,
@@ -151,8 +155,14 @@ def fit_logistic(
     times ``Pm`` on both sides with a projection), makes the L-BFGS initial matrix the inverse Hessian of the
     objective at ``w = 0``: ``(Sigma / 4 + I / (C sw))^-1`` for the weights (one inverse per hook and value of
     C, with the median ``sw``) and 4 for the intercept. ``precond_rows`` ``Z`` instead gives ``Sigma = Z^T Z`` by
-    ``n < d`` rows (:func:`feature_rows`): the inverses are then ``n x n`` (Woodbury identity), cheaper to make
-    and to apply.
+    ``n < d`` rows (:func:`feature_rows`): then one eigendecomposition per hook, of the ``n x n`` Gram matrix
+    ``Z Z^T``, serves every value of C, and applying the initial matrix costs ``2 n d`` per vector.
+
+    ``X`` may also be any object with ``shape``, ``device``, ``dim()`` and hook slicing (``X[lo:hi]``) that the
+    given ``loss_grad`` reads (:mod:`interp.probes.streaming`: a store streamed in chunks). With ``reduce`` (a
+    sum over processes, e.g. an all-reduce), ``Y``/``S`` hold this process's rows only and ``loss_grad`` returns
+    the sums over every process's rows: the total sample weights are reduced here too, and every process then
+    runs the same iterations to the same optimum.
     """
     if X.dim() != 3:
         raise AnalysisError(f"fit_logistic needs X of shape [H, N, d], got {list(X.shape)}")
@@ -169,6 +179,8 @@ def fit_logistic(
 
         loss_grad = get_loss_grad(backend, dev)
     sw = S.sum(-1)  # [P]
+    if reduce is not None:
+        sw = reduce(sw)
     if (sw <= 0).any():
         raise AnalysisError("a probe has no training rows (all sample weights are 0); check the labels and splits")
     Cv = torch.as_tensor(C, dtype=f32, device=dev).expand(P).clone()
@@ -180,26 +192,58 @@ def fit_logistic(
     proj = None if proj is None else proj.to(dev, f32)
     inv_sw = (1.0 / sw)[None, :]  # [1, P]
     make_apply = None
+    D = d + 1
+
+    def curvature_pair(yv: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y . H0 y, H0 q)``: the initial matrix's quadratic form on the new pairs' ``y`` (for ``gamma``) and
+        its product with the recursion's vector ``q``."""
+        Hy, Hq = apply_h0(torch.stack([yv, q]))
+        return (yv * Hy).sum(-1), Hq
+
     if precond is not None or precond_rows is not None:
-        c_values, group = torch.unique(Cv, return_inverse=True)  # one inverse per value of C
+        c_values, group = torch.unique(Cv, return_inverse=True)  # one initial matrix per value of C
         G = c_values.numel()
         lam_g = torch.stack([lam[group == gi].median() for gi in range(G)])  # [G]
-        if precond_rows is not None:  # Sigma = Z^T Z of rank n < d: invert n x n matrices (Woodbury)
+        if precond_rows is not None:
+            # Sigma = Z^T Z of rank n < d, through its eigenvectors (one decomposition per hook serves every C):
+            # Sigma = U diag(e) U^T with U = Z^T V e^-1/2 from the n x n Gram matrix Z Z^T = V diag(e) V^T, and
+            # (Sigma / 4 + lam I)^-1 = (I - U diag(e / (e + 4 lam)) U^T) / lam
             Z = precond_rows.to(dev, f32)  # [H, n, d]
-            Zt = Z.transpose(1, 2)  # [H, d, n]
-            eye = torch.eye(Z.shape[1], device=dev, dtype=f32)
-            gram = torch.bmm(Z, Z.transpose(1, 2))  # [H, n, n]
-            inverses = torch.stack(
-                [torch.cholesky_inverse(torch.linalg.cholesky(gram + 4.0 * float(lam_g[gi]) * eye)) for gi in range(G)],
-                1,
-            )  # [H, G, n, n]
+            e, V = torch.linalg.eigh(torch.bmm(Z, Z.transpose(1, 2)))
+            kept = e > 1e-6 * e.amax(-1, keepdim=True).clamp_min(1e-30)  # numerically zero: outside the range
+            U = torch.bmm(Z.transpose(1, 2), V) * (kept / e.clamp_min(1e-30).sqrt())[:, None, :]  # [H, d, n]
+            Ut = U.transpose(1, 2).contiguous()
+            shrink = e[:, None, :] / (e[:, None, :] + 4.0 * lam_g[None, :, None]) * kept[:, None, :]  # [H, G, n]
 
-            def solve(x: Tensor, inv: Tensor, lam_b: Tensor) -> Tensor:
-                """``x (Sigma / 4 + lam I)^-1`` = ``(x - x Z^T (4 lam I + Z Z^T)^-1 Z) / lam`` for ``x`` [H, B, R, d]."""
-                _, B, R, _ = x.shape
-                u = torch.bmm(x.reshape(H, B * R, d), Zt).reshape(H, B, R, -1)  # [H, B, R, n]
-                v = torch.matmul(u, inv).reshape(H, B * R, -1)
-                return (x - torch.bmm(v, Z).reshape(H, B, R, d)) / lam_b[None, :, None, None]
+            def make_apply(group: Tensor):
+                """``q -> q (Sigma / 4 + lam I)^-1`` on the weights of the problems whose values of C are ``group``."""
+                Pc = group.numel()
+                c_p, inv_lam = shrink[:, group], (1.0 / lam_g[group])[:, None]  # [H, Pc, n], [Pc, 1]
+
+                def project(qw: Tensor) -> tuple[Tensor, Tensor]:
+                    """``qw`` [L, H, Pc, d] as ``[H, L * Pc, d]`` and its coordinates on U, shrunk."""
+                    L_ = qw.numel() // (H * Pc * d)
+                    x = qw.reshape(L_, H, Pc, d).transpose(0, 1).reshape(H, L_ * Pc, d)
+                    u = torch.bmm(x, U).reshape(H, L_, Pc, -1)
+                    return x, u
+
+                def apply_w(qw: Tensor) -> Tensor:
+                    x, u = project(qw)
+                    L_ = u.shape[1]
+                    out = torch.baddbmm(x, (u * c_p[:, None]).reshape(H, L_ * Pc, -1), Ut, alpha=-1.0)
+                    return (out.reshape(H, L_, Pc, d).transpose(0, 1) * inv_lam).reshape(qw.shape)
+
+                def pair(yv: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+                    # y . H0 y = (|y_w|^2 - sum_j c_j (U^T y_w)_j^2) / lam + 4 y_b^2: y needs only the first product
+                    x, u = project(torch.stack([yv[..., :d], q[..., :d]]))
+                    uy, uq = u[:, 0], u[:, 1]  # [H, Pc, n]
+                    yy = (yv[..., :d].square().sum(-1) - (c_p * uy.square()).sum(-1)) * inv_lam[:, 0]
+                    yy = yy + 4.0 * yv[..., d].square()
+                    hq = torch.baddbmm(x[:, Pc:], uq * c_p, Ut, alpha=-1.0) * inv_lam
+                    return yy, torch.cat([hq, 4.0 * q[..., d:]], dim=-1)
+
+                apply_w.pair = pair  # type: ignore[attr-defined]
+                return apply_w
 
         else:
             cov = precond.to(dev, f32)  # type: ignore[union-attr]
@@ -209,47 +253,48 @@ def fit_logistic(
                 1,
             )  # [H, G, d, d]
 
-            def solve(x: Tensor, inv: Tensor, lam_b: Tensor) -> Tensor:
-                """``x (Sigma / 4 + lam I)^-1`` for ``x`` [H, B, R, d], block ``b`` with the inverse ``inv[:, b]``."""
-                return torch.matmul(x, inv)
+            def make_apply(group: Tensor):
+                """``q -> q (Sigma / 4 + lam I)^-1`` on the weights of the problems whose values of C are ``group``."""
+                Pc = group.numel()
+                blocks = _runs_of_values(group)
+                if len({hi - lo for lo, hi, _ in blocks}) == 1:
+                    # contiguous blocks of problems of the same size (train_probes' layout: one block per value
+                    # of C): one batched product for all problems, blocks as a batch dimension
+                    gids = [gid for _, _, gid in blocks]
+                    B, Pb = len(blocks), Pc // len(blocks)
+                    inv_b = inverses[:, gids].contiguous()
 
-        def make_apply(group: Tensor):
-            """``q -> q (Sigma / 4 + lam I)^-1`` on the weights of the problems whose values of C are ``group``."""
-            Pc = group.numel()
-            blocks = _runs_of_values(group)
-            if len({hi - lo for lo, hi, _ in blocks}) == 1:
-                # contiguous blocks of problems of the same size (train_probes' layout: one block per value of
-                # C): one batched product for all problems, blocks as a batch dimension
-                gids = [gid for _, _, gid in blocks]
-                B, Pb = len(blocks), Pc // len(blocks)
-                inv_b, lam_b = inverses[:, gids].contiguous(), lam_g[gids]
+                    def apply_w(qw: Tensor) -> Tensor:
+                        L_ = qw.numel() // (H * Pc * d)
+                        x = qw.reshape(L_, H, B, Pb, d).permute(1, 2, 0, 3, 4).reshape(H, B, L_ * Pb, d)
+                        out = torch.matmul(x, inv_b)
+                        return out.reshape(H, B, L_, Pb, d).permute(2, 0, 1, 3, 4).reshape(qw.shape)
+
+                    return apply_w
 
                 def apply_w(qw: Tensor) -> Tensor:
+                    out = torch.empty_like(qw)
                     L_ = qw.numel() // (H * Pc * d)
-                    x = qw.reshape(L_, H, B, Pb, d).permute(1, 2, 0, 3, 4).reshape(H, B, L_ * Pb, d)
-                    out = solve(x, inv_b, lam_b)
-                    return out.reshape(H, B, L_, Pb, d).permute(2, 0, 1, 3, 4).reshape(qw.shape)
+                    q3, o3 = qw.reshape(L_, H, Pc, d), out.reshape(L_, H, Pc, d)
+                    for gi in torch.unique(group).tolist():
+                        m = group == gi
+                        x = q3[:, :, m].permute(1, 0, 2, 3).reshape(H, -1, d)
+                        y = torch.matmul(x, inverses[:, gi])
+                        o3[:, :, m] = y.reshape(H, L_, -1, d).permute(1, 0, 2, 3)
+                    return out
 
                 return apply_w
-
-            def apply_w(qw: Tensor) -> Tensor:
-                out = torch.empty_like(qw)
-                L_ = qw.numel() // (H * Pc * d)
-                q3, o3 = qw.reshape(L_, H, Pc, d), out.reshape(L_, H, Pc, d)
-                for gi in torch.unique(group).tolist():
-                    m = group == gi
-                    x = q3[:, :, m].permute(1, 0, 2, 3).reshape(H, 1, -1, d)
-                    y = solve(x, inverses[:, gi : gi + 1], lam_g[gi : gi + 1])
-                    o3[:, :, m] = y.reshape(H, L_, -1, d).permute(1, 0, 2, 3)
-                return out
-
-            return apply_w
 
         apply_w = make_apply(group)
 
         def apply_h0(q: Tensor) -> Tensor:
             """Inverse of the Hessian at w = 0 (the quadratic model) applied to ``q`` [..., H, P, d + 1]."""
             return torch.cat([apply_w(q[..., :d]), 4.0 * q[..., d:]], dim=-1)
+
+        if precond_rows is not None:
+
+            def curvature_pair(yv: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+                return apply_w.pair(yv, q)
 
     else:
 
@@ -273,7 +318,6 @@ def fit_logistic(
             g[lo:hi, :, :d] = gv * inv_sw[..., None] + lam[None, :, None] * w
             g[lo:hi, :, d] = gb * inv_sw
 
-    D = d + 1
     theta = torch.zeros(H, P, D, device=dev, dtype=f32)
     f = torch.zeros(H, P, device=dev, dtype=f32)
     g = torch.zeros(H, P, D, device=dev, dtype=f32)
@@ -367,12 +411,17 @@ def fit_logistic(
                 rho[slot] = torch.where(good, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
                 slot, filled = (slot + 1) % memory, min(filled + 1, memory)
             am = accept[..., None]
-            theta = torch.where(am, trial, theta)
-            f = torch.where(accept, f_t, f)
-            g = torch.where(am, g_t, g)
+            if bool(accept.all()):  # the usual case: take the trial state, swap the buffers evaluate writes into
+                theta, f, g, f_t, g_t = trial, f_t, g_t, f, g
+                fails.zero_()
+                gmax = g.abs().amax(-1)
+            else:
+                theta = torch.where(am, trial, theta)
+                f = torch.where(accept, f_t, f)
+                g = torch.where(am, g_t, g)
+                fails = torch.where(accept, torch.zeros_like(fails), fails)
+                gmax = torch.where(accept, g.abs().amax(-1), gmax)
             n_iter += accept.long()
-            fails = torch.where(accept, torch.zeros_like(fails), fails)
-            gmax = torch.where(accept, g.abs().amax(-1), gmax)
             active = active & ~(accept & (gmax <= tol)) & (n_iter < max_iter)
             # new quasi-Newton direction: two-loop recursion over the written slots, newest first
             order = [(slot - 1 - i) % memory for i in range(filled)]
@@ -383,8 +432,7 @@ def fit_logistic(
                 q.addcmul_(ai[..., None], Y_hist[i], value=-1.0)
                 a.append(ai)
             if stored:  # H0 on q and, for gamma, on the new pairs' y: one product
-                Hy, Hq = apply_h0(torch.stack([yv, q]))
-                yy = (yv * Hy).sum(-1)
+                yy, Hq = curvature_pair(yv, q)
                 gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
                 has_hist = has_hist | good
             else:
@@ -473,11 +521,22 @@ def column_stats(
     s1 = torch.zeros(H, S.shape[0], d, device=X.device)
     s2 = torch.zeros_like(s1)
     for lo in range(0, N, chunk):
-        xc = X[:, lo : lo + chunk].float() - shift
-        sc = S[:, lo : lo + chunk]
-        s1 += torch.einsum("pn,hnd->hpd", sc, xc)
-        s2 += torch.einsum("pn,hnd->hpd", sc, xc * xc)
-    sw = S.sum(-1)[None, :, None].clamp_min(1e-12)
+        shifted_moments(X[:, lo : lo + chunk], S[:, lo : lo + chunk], shift, s1, s2)
+    return stats_from_moments(s1, s2, S.sum(-1), shift, constant_scale)
+
+
+def shifted_moments(X: Float[Tensor, "H n d"], S: Float[Tensor, "P n"], shift: Tensor, s1: Tensor, s2: Tensor) -> None:
+    """Add the weighted sums of ``x - shift`` and ``(x - shift)^2`` over the rows of ``X`` into ``s1``/``s2``."""
+    xc = X.float() - shift
+    s1 += torch.einsum("pn,hnd->hpd", S, xc)
+    s2 += torch.einsum("pn,hnd->hpd", S, xc * xc)
+
+
+def stats_from_moments(
+    s1: Tensor, s2: Tensor, sw: Float[Tensor, " P"], shift: Tensor, constant_scale: float
+) -> tuple[Float[Tensor, "H P d"], Float[Tensor, "H P d"]]:
+    """:func:`column_stats`' mean and standard deviation from the shifted moment sums and total weights."""
+    sw = sw[None, :, None].clamp_min(1e-12)
     m1 = s1 / sw
     var = (s2 / sw - m1 * m1).clamp_min(0.0)
     mean = m1 + shift
@@ -514,7 +573,7 @@ def feature_covariance(
     read, in float32 chunks (``X`` is not copied whole).
     """
     H, N, d = X.shape
-    rows = _covariance_rows(weights, max_rows).to(X.device)
+    rows = covariance_rows(weights, max_rows).to(X.device)
     cov = torch.zeros(H, d, d, device=X.device)
     for lo in range(0, rows.numel(), chunk):
         xc = _standardised(X, rows[lo : lo + chunk], mean, scale)
@@ -538,13 +597,13 @@ def feature_rows(
     """The rows ``Z`` with ``Z^T Z`` = :func:`feature_covariance`'s estimate, when they are fewer than ``d``
     (then the preconditioner is cheaper through them); None otherwise."""
     H, N, d = X.shape
-    rows = _covariance_rows(weights, max_rows)
+    rows = covariance_rows(weights, max_rows)
     if rows.numel() >= d:
         return None
     return _standardised(X, rows.to(X.device), mean, scale) / math.sqrt(max(1, rows.numel()))
 
 
-def _covariance_rows(weights: Tensor, max_rows: int) -> Tensor:
+def covariance_rows(weights: Tensor, max_rows: int) -> Tensor:
     """At most ``max_rows`` evenly spaced rows with non-zero weight."""
     rows = torch.nonzero(weights.to("cpu") > 0).flatten()
     if rows.numel() > max_rows:

@@ -240,9 +240,27 @@ class Shard:
         view = memoryview(out).cast("B")
         if view.nbytes != hi - lo:
             raise StoreCorruptError(f"shard {self.path.name}: tensor {name!r} is not the size the manifest says")
+        self._read_at(name, lo, view)
+
+    def read_rows_into(self, name: str, start: int, out: np.ndarray) -> None:
+        """Read rows ``start .. start + len(out)`` of tensor ``name`` into ``out`` with plain reads: no memory map,
+        so the pages read do not stay resident in the process (streaming reads of stores larger than memory)."""
+        if name not in self.header:
+            raise StoreCorruptError(f"shard {self.path.name} has no tensor {name!r}: the store is damaged")
+        spec = self.header[name]
+        lo, hi = spec["data_offsets"]
+        n_rows = int(spec["shape"][0]) if spec["shape"] else 0
+        view = memoryview(out).cast("B")
+        row_bytes = (hi - lo) // n_rows if n_rows else 0
+        if start < 0 or start * row_bytes + view.nbytes > hi - lo or view.nbytes % max(row_bytes, 1):
+            raise StoreCorruptError(f"shard {self.path.name}: rows {start}+ of {name!r} are outside the tensor")
+        self._read_at(name, lo + start * row_bytes, view)
+
+    def _read_at(self, name: str, offset: int, view: memoryview) -> None:
+        """Fill ``view`` from the tensor data at byte ``offset`` (from the start of the data section)."""
         try:
             with open(self.path, "rb", buffering=0) as f:
-                f.seek(self.data_start + lo)
+                f.seek(self.data_start + offset)
                 got = 0
                 while got < view.nbytes:
                     n = f.readinto(view[got:])

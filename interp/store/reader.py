@@ -256,6 +256,25 @@ class ActivationStore:
         """Activations of one hook, in the store's dtype: every row, or the given row indices (in that order)."""
         return self._read_rows(self.resolve_hook(hook), None if rows is None else torch.as_tensor(rows))
 
+    def activation_range(self, hook: str | int, start: int, stop: int) -> Float[Tensor, "n d_model"]:
+        """Rows ``start:stop`` of one hook, read with plain file reads (no memory map): for streaming passes over
+        stores larger than memory, where mapped pages would otherwise stay resident in the process."""
+        name = self.resolve_hook(hook)
+        if not 0 <= start <= stop <= len(self):
+            raise StoreError(f"rows {start}:{stop} are outside a store of {len(self)} rows")
+        np_dtype, tail, dtype = self._spec(name)
+        out = np.empty((stop - start, *tail), dtype=np_dtype)
+        first = int(np.searchsorted(self._bounds, start, side="right")) - 1
+        pos = start
+        for i in range(max(first, 0), len(self.manifest["shards"])):
+            if pos >= stop:
+                break
+            hi = min(stop, int(self._bounds[i + 1]))
+            if hi > pos:
+                self._shard(i).read_rows_into(name, pos - int(self._bounds[i]), out[pos - start : hi - start])
+            pos = max(pos, hi)
+        return to_torch(out, dtype)
+
     def _meta(self, name: str) -> Tensor:
         if name not in self._meta_cache:
             self._meta_cache[name] = self._read_rows(name, None)
