@@ -10,6 +10,7 @@ is NCCL (a GPU job), a gloo group over the same ranks is made once and used for 
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Any
@@ -52,7 +53,13 @@ def init_from_env(timeout_s: float = 24 * 3600) -> tuple[int, int]:
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed; run a single process, or install a torch with it")
     dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    atexit.register(_shutdown)  # a group left running at exit can abort the process in gloo's threads
     return rank_world()
+
+
+def _shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

@@ -66,8 +66,8 @@ def sweep_report(
     The sweep itself is saved next to it (``sweep.json``, ``probes.safetensors``), and so is the
     ``plotly.min.js`` the report loads (unless ``self_contained``). Returns the report's path.
     """
-    from interp.reports import probe_sweep_report
     from interp.probes.linear import train_probes
+    from interp.reports import probe_sweep_report
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,40 +78,17 @@ def sweep_report(
                               self_contained=self_contained)
 
 
-def torchrun_group() -> bool:
-    """Initialise a gloo process group from torchrun's environment variables (``RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR``, ``MASTER_PORT``) when they are set and no group exists; True when this call made one."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
-        return False
-    import torch.distributed as dist
-
-    from interp.errors import ConfigError
-
-    if not dist.is_available():
-        raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
-    if dist.is_initialized():
-        return False
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise ConfigError("RANK/WORLD_SIZE are set without MASTER_ADDR/MASTER_PORT: launch with torchrun")
-    dist.init_process_group("gloo")
-    return True
-
-
 def run(args: argparse.Namespace) -> int:
-    made = torchrun_group()
-    try:
-        return _run(args)
-    finally:
-        if made:
-            import torch.distributed as dist
+    from interp.distributed import init_from_env
 
-            dist.destroy_process_group()
+    init_from_env()  # under torchrun: one gloo group; every rank sweeps a slice of the rows, rank 0 writes
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from interp.distributed import is_main
     from interp.errors import ConfigError
     from interp.probes.linear import train_probes
-    from interp.probes.streaming import group
     from interp.store import ActivationStore
 
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -131,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         max_memory_mb=args.max_memory_mb,
         progress=not args.quiet,
     )
-    if group()[0] != 0:  # every rank holds the same sweep; rank 0 writes and prints it
+    if not is_main():  # every rank holds the same sweep; rank 0 writes and prints it
         return 0
     if args.out:
         out = Path(args.out)

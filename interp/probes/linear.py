@@ -32,21 +32,29 @@ from interp.artifacts import load_json as _load_json
 from interp.artifacts import load_tensors as _load_tensors
 from interp.artifacts import save_tensors as _save_tensors
 from interp.devices import resolve_device
+from interp.distributed import rank_world
 from interp.errors import AnalysisError, ConfigError, InterpError
 from interp.probes.estimator import EstimatorProtocol, ProbeInputError, validate_sample_weight
 from interp.probes.kernel import get_loss_grad
-from interp.probes.metrics import _binary_rows, _metrics, _nanmean, multiclass_metrics
-from interp.probes.metrics import auroc, binary_metrics, recall_at_fpr  # noqa: F401  (public here too)
+from interp.probes.metrics import (  # noqa: F401  (public here too)
+    _binary_rows,
+    _metrics,
+    _nanmean,
+    auroc,
+    binary_metrics,
+    multiclass_metrics,
+    recall_at_fpr,
+)
 from interp.probes.solver import (
-    covariance_rows,
     column_stats,
+    covariance_rows,
     feature_covariance,
     feature_rows,
     fit_logistic,
     linear_scores,
     precondition_worthwhile,
 )
-from interp.probes.streaming import StoreRows, check_budget, chunk_rows, group, rank_slice
+from interp.probes.streaming import StoreRows, check_budget, chunk_rows, rank_slice
 from interp.store import ActivationStore, atomic_write_json, layer_of
 
 PROBE_FORMAT = "interp.linear_probe"
@@ -702,7 +710,7 @@ def train_probes(
 
     dev = resolve_device(device)
     H = len(hook_names)
-    rank, world = group()
+    rank, world = rank_world()
     progress = progress and rank == 0
     itemsize = torch.empty(0, dtype=store.dtype).element_size()
     streamed = world > 1 or (budget is not None and H * N * store.d_model * itemsize > budget)

@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.distributed import rank_world
 from interp.errors import ConfigError
 from interp.probes.solver import linear_scores, shifted_moments, stats_from_moments
 from interp.store import ActivationStore
@@ -43,15 +44,6 @@ def check_budget(max_memory_mb: float | None) -> float | None:
     if not v > 0:
         raise ConfigError(f"max_memory_mb={max_memory_mb!r}: give a positive number of MiB, e.g. 4096")
     return v * MB if math.isfinite(v) else None
-
-
-def group() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised ``torch.distributed`` group, ``(0, 1)`` without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _collective_tensor(t: Tensor) -> Tensor:
@@ -214,7 +206,7 @@ class StoreRows:
             return local
         import torch.distributed as dist
 
-        rank, world = group()
+        rank, world = rank_world()
         n = self.rows.numel()
         sizes = [rank_slice(n, r, world)[1] - rank_slice(n, r, world)[0] for r in range(world)]
         pad = _collective_tensor(torch.zeros(*local.shape[:2], max(sizes), device=W.device))
