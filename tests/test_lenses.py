@@ -104,6 +104,13 @@ def test_tuned_lens_beats_logit_lens_held_out_and_round_trips(gpt2, gpt2_store, 
     assert all(p.grad is None and p.requires_grad for p in gpt2.unembed.parameters())  # the model stays frozen
     kl = lens_kl(gpt2_store, gpt2, lens)
     assert (kl.kl_tuned <= kl.kl_logit + 1e-7).all() and kl.kl_tuned[0] < 0.5 * kl.kl_logit[0]
+    logit_t, tuned_t = trajectory(gpt2, "The capital of France", k=2), trajectory(gpt2, "The capital of France", lens)
+    fig = logit_t.plot(tuned_t, color="kl")
+    assert [t.type for t in fig.data] == ["heatmap", "heatmap"] and fig.data[1].text[0][0] == tuned_t.top_tokens[0][0][0]
+    assert (tuned_t.kl[:-1].mean(1) < logit_t.kl[:-1].mean(1)).all()
+    from interp.plots import lens_kl_figure
+
+    assert len(lens_kl_figure(kl).data) == 2
     lens.save(tmp_path / "lens")
     back = TunedLens.load(tmp_path / "lens")
     assert back.layers == lens.layers and torch.equal(back.weight, lens.weight)

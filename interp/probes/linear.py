@@ -837,6 +837,7 @@ def train_probes(
                     entry[f"train_{name}"] = _nanmean([m[name] for m in tr])
                     entry[f"heldout_{name}"] = _nanmean([m[name] for m in ho])
                 entry["heldout_accuracy_std"] = float(np.std([m["accuracy"] for m in ho]))
+                entry["heldout_accuracy_folds"] = [m["accuracy"] for m in ho]
             zf = scores_of(h, ci, n_masks - 1)
             final_train = _metrics(zf[in_fit], y_used[in_fit])
             test_m = _metrics(zf[test_mask], y_test) if test_pos is not None else None
