@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("store", help="activation store with blocks.L.hook_out for the last layer (hooks='resid_post')")
     t.add_argument("--out", required=True, help="directory for tuned_lens.safetensors, tuned_lens.json, lens_kl.html")
     t.add_argument("--model", default=None, help="the store's model (default: the one its manifest names)")
+    t.add_argument("--layers", default=None, help="comma-separated layers to train (default: every stored layer)")
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=512)
     t.add_argument("--lr", type=float, default=1e-3)
@@ -64,6 +65,17 @@ def store_model(store) -> str:
     return str(where)
 
 
+def parse_layers(text: str | None) -> list[int] | None:
+    from interp.errors import ConfigError
+
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: give comma-separated layer indices such as 10,20") from None
+
+
 def run_train(args: argparse.Namespace) -> int:
     from interp.artifacts import jsonable
     from interp.lenses import lens_kl, train_tuned_lens
@@ -74,10 +86,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     store = ActivationStore(args.store)
     model = load_model(args.model or store_model(store), device=args.device, progress=not args.quiet)
-    lens = train_tuned_lens(store, model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    layers = parse_layers(args.layers)
+    lens = train_tuned_lens(store, model, layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             max_rows=args.max_rows, seed=args.seed, device=args.device, progress=not args.quiet)
     out = lens.save(args.out)
-    table = lens_kl(store, model, lens)
+    table = lens_kl(store, model, lens, None if layers is None else [*lens.layers, int(model.cfg.n_layers) - 1])
     write_html(out / "lens_kl.html", lens_kl_figure(table))
     if args.json:
         print(json.dumps(jsonable({"out": str(out), "layers": table.to_dict("records")})))
