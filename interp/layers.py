@@ -268,6 +268,7 @@ def concept_depth(
         floor = majority if above_chance else 0.0
         depths = [depth_of(folds[:, f], layer_list, fraction, floor) for f in range(folds.shape[1])]
         mean, lo, hi = t_interval(depths)
+        lo, hi = max(lo, layer_list[0]), min(hi, layer_list[-1])  # a depth lies among the probed layers
         curve = folds.mean(1)
         rows_out.append({"concept": name, "label": label, "depth": mean, "ci_low": lo, "ci_high": hi,
                          "depth_of_mean_curve": depth_of(curve, layer_list, fraction, floor),

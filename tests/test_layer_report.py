@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,20 @@ def test_t_interval_matches_scipy():
     m, lo, hi = t_interval(v)
     half = stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / np.sqrt(len(v))
     np.testing.assert_allclose([m, lo, hi], [np.mean(v), np.mean(v) - half, np.mean(v) + half], rtol=1e-3)  # a 3-decimal table
+
+
+def test_notebook_runs():
+    import warnings
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    root = Path(__file__).resolve().parent.parent
+    nb = nbformat.read(root / "notebooks" / "06_layers.ipynb", as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, errors[0]
+    table = next(o for c in nb.cells if "lens_kl(" in c.source for o in c.outputs if o.output_type == "execute_result")
+    assert "kl_tuned" in table["data"]["text/plain"]
