@@ -33,7 +33,7 @@ def store(gpt2, tmp_path_factory):
 
 
 def test_lens_train_then_show(interp, store, tiny_gpt2_path, tmp_path):
-    r = interp("lens", "train", store.path, "--out", tmp_path / "lens", "--steps", "30", "--lr", "0.01", "--quiet",
+    r = interp("lens", "train", store.path, "--out", tmp_path / "lens", "--steps", "30", "--optimizer", "adam", "--lr", "0.01", "--quiet",
                "--json")
     assert r.returncode == 0, r.err
     layers = json.loads(r.out)["layers"]

@@ -90,7 +90,8 @@ def _planted(tmp_path, n=1500, d=8, v=40, n_layers=3, seed=0):
 
 def test_tuned_lens_recovers_planted_linear_layers(tmp_path):
     store, head, maps = _planted(tmp_path)
-    lens = train_tuned_lens(store, head, steps=1500, batch_size=512, lr=3e-2, progress=False)
+    lens = train_tuned_lens(store, head, steps=1500, batch_size=512, optimizer="adam", lr=3e-2, precision="float32",
+                            progress=False)
     assert lens.layers == [0, 1]
     for i, (M, c) in enumerate(maps):  # translate(h) = h @ weight.T + bias must be h @ M + c
         assert torch.allclose(lens.weight[i].T, M, atol=0.05), (lens.weight[i].T - M).abs().max()
@@ -100,7 +101,7 @@ def test_tuned_lens_recovers_planted_linear_layers(tmp_path):
 
 
 def test_tuned_lens_beats_logit_lens_held_out_and_round_trips(gpt2, gpt2_store, tmp_path):
-    lens = train_tuned_lens(gpt2_store, gpt2, steps=150, lr=1e-2, progress=False)
+    lens = train_tuned_lens(gpt2_store, gpt2, steps=150, optimizer="adam", lr=1e-2, progress=False)
     assert all(p.grad is None and p.requires_grad for p in gpt2.unembed.parameters())  # the model stays frozen
     kl = lens_kl(gpt2_store, gpt2, lens)
     assert (kl.kl_tuned <= kl.kl_logit + 1e-7).all() and kl.kl_tuned[0] < 0.5 * kl.kl_logit[0]
@@ -175,3 +176,25 @@ def test_kl_to_final_matches_its_definition():
     a, b = torch.randn(6, 9), torch.randn(6, 9)
     p, q = a.softmax(-1).numpy(), b.softmax(-1).numpy()
     np.testing.assert_allclose(kl_to_final(a, b).numpy(), (p * np.log(p / q)).sum(-1), atol=1e-6)
+
+
+def test_shortcut_init_starts_at_the_least_squares_map(gpt2, gpt2_store):
+    """init='shortcut' starts from the ridge least-squares map to the last layer: with a tiny step count and
+    learning rate the translator stays there, and it reads the final distribution better than the identity."""
+    lens = train_tuned_lens(gpt2_store, gpt2, [0], steps=1, lr=1e-12, init="shortcut", progress=False)
+    train, _ = gpt2_store.train_test_split(test_size=0.2, seed=0)
+    X, Y = gpt2_store.activations(0, train), gpt2_store.activations(1, train)
+    fit = X @ lens.weight[0].T + lens.bias[0]
+    assert ((fit - Y) ** 2).sum() < 0.1 * ((X - Y) ** 2).sum()
+    kl = lens_kl(gpt2_store, gpt2, lens, [0])
+    assert kl.kl_tuned[0] < kl.kl_logit[0]
+    with pytest.raises(ConfigError, match="optimizer"):
+        train_tuned_lens(gpt2_store, gpt2, optimizer="lbfgs")
+
+
+def test_bfloat16_head_is_the_same_map(gpt2):
+    head = Head.from_model(gpt2)
+    h = torch.randn(6, 64)
+    fast = head.cast(torch.bfloat16)
+    assert fast is not head and head.cast(torch.float32) is head
+    torch.testing.assert_close(fast(h), head(h), atol=0.05, rtol=0.02)

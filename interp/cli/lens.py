@@ -19,7 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--layers", default=None, help="comma-separated layers to train (default: every stored layer)")
     t.add_argument("--steps", type=int, default=300)
     t.add_argument("--batch-size", type=int, default=512)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    t.add_argument("--lr", type=float, default=None,
+                   help="default: 1.0 for sgd (Nesterov, scaled by 0.1), 1e-3 for adam")
+    t.add_argument("--init", default="identity", choices=["identity", "shortcut"],
+                   help="start each translator at the identity or at the least-squares map to the last layer")
     t.add_argument("--max-rows", type=int, default=50_000, help="most train rows held in memory (seeded sample)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
@@ -87,7 +91,8 @@ def run_train(args: argparse.Namespace) -> int:
     store = ActivationStore(args.store)
     model = load_model(args.model or store_model(store), device=args.device, progress=not args.quiet)
     layers = parse_layers(args.layers)
-    lens = train_tuned_lens(store, model, layers, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    lens = train_tuned_lens(store, model, layers, steps=args.steps, batch_size=args.batch_size,
+                            optimizer=args.optimizer, lr=args.lr, init=args.init,
                             max_rows=args.max_rows, seed=args.seed, device=args.device, progress=not args.quiet)
     out = lens.save(args.out)
     table = lens_kl(store, model, lens, None if layers is None else [*lens.layers, int(model.cfg.n_layers) - 1])
@@ -161,7 +166,8 @@ def run_layers(args: argparse.Namespace) -> int:
 
     if "metrics" in result:
         print("representation metrics per layer:")
-        print(pd.DataFrame(result["metrics"]).drop(columns="hook").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        frame = pd.DataFrame(result["metrics"]).drop(columns="hook")
+        print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if "concept_depth" in result:
         print(f"concept depth (first layer at {args.fraction:.0%} of the best held-out accuracy, 95% CI over folds):")
         cols = ["concept", "depth", "ci_low", "ci_high", "best_layer", "best_accuracy"]
