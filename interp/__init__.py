@@ -62,6 +62,11 @@ _LAZY = {
     "GenerationResult": "interp.generation",
     "Act": "interp.generation",
     "Watch": "interp.generation",
+    "TunedLens": "interp.lenses",
+    "train_tuned_lens": "interp.lenses",
+    "linear_shortcut": "interp.lenses",
+    "layer_metrics": "interp.layers",
+    "concept_depth": "interp.layers",
 }
 
 __all__ = ["ActivationStore", "InterpError", "StoreWriter", *_LAZY]

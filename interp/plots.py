@@ -632,3 +632,90 @@ def sae_training_curve(history, title: str = "SAE training") -> go.Figure:
         legend=LEGEND_TOP,
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- layer-wise analyses
+
+
+def lens_kl_figure(frame, title: str = "KL to the final distribution per layer") -> go.Figure:
+    """Mean ``KL(p_final || p_lens)`` (nats, held-out rows) per layer for the logit lens and, when the frame has a
+    ``kl_tuned`` column, the tuned lens (a frame from :func:`interp.lenses.lens_kl`)."""
+    fig = go.Figure()
+    for col, name, color in (("kl_logit", "logit lens", PALETTE[0]), ("kl_tuned", "tuned lens", PALETTE[1])):
+        if col in frame:
+            fig.add_trace(go.Scatter(x=list(frame["layer"]), y=as_floats(frame[col]), mode="lines+markers",
+                                     name=name, line=dict(color=color)))
+    n = int(frame["n"].iloc[0]) if "n" in frame and len(frame) else None
+    fig.update_layout(title=title + (f" ({n} held-out rows)" if n else ""), template="plotly_white",
+                      legend=LEGEND_TOP, xaxis=dict(title="layer", dtick=1),
+                      yaxis=dict(title="KL(final || lens) (nats, log scale)", type="log"))
+    return fig
+
+
+def lens_trajectory_figure(trajectories: Sequence[Any], color: str = "entropy") -> go.Figure:
+    """Layers x token positions, each cell the lens's top token, coloured by ``entropy`` or ``kl`` (nats); one panel
+    per trajectory (e.g. logit lens and tuned lens side by side) on a shared colour scale."""
+    from plotly.subplots import make_subplots
+
+    if color not in ("entropy", "kl"):
+        from interp.errors import ConfigError
+
+        raise ConfigError(f"color must be 'entropy' or 'kl', got {color!r}")
+    grids = [getattr(t, color).tolist() for t in trajectories]
+    top = max((max(max(r) for r in g) for g in grids), default=1.0)
+    fig = make_subplots(rows=1, cols=len(trajectories), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[t.lens for t in trajectories])
+    for i, (t, grid) in enumerate(zip(trajectories, grids)):
+        x = [f"{j}:{tok}" for j, tok in enumerate(t.tokens)]
+        text = [[cell[0] for cell in layer] for layer in t.top_tokens]
+        hover = [[f"layer {lay}, input {x[j]}<br>top: " + ", ".join(
+            f"{tok!r} {float(p):.2f}" for tok, p in zip(cell, t.top_probs[li, j].tolist()))
+            + f"<br>{color}: {grid[li][j]:.3f} nats" for j, cell in enumerate(layer)]
+            for li, (lay, layer) in enumerate(zip(t.layers, t.top_tokens))]
+        fig.add_trace(go.Heatmap(z=grid, x=x, y=t.layers, text=text, texttemplate="%{text}", hovertext=hover,
+                                 hoverinfo="text", colorscale="Viridis", zmin=0, zmax=top, showscale=i == 0,
+                                 colorbar=dict(title=f"{color} (nats)")), row=1, col=i + 1)
+        fig.update_xaxes(title_text="input token (position: token)", row=1, col=i + 1)
+    fig.update_yaxes(title_text="layer", dtick=1, row=1, col=1)
+    fig.update_layout(title=f"what each layer predicts next, coloured by {color}", template="plotly_white",
+                      height=max(320, 28 * len(trajectories[0].layers) + 160))
+    return fig
+
+
+def layer_metrics_figure(frame, title: str = "representation metrics") -> go.Figure:
+    """Prompt entropy, dataset entropy (nats), curvature (radians) and effective rank across layers, one panel
+    each (a frame from :func:`interp.layers.layer_metrics`)."""
+    from plotly.subplots import make_subplots
+
+    panels = [("prompt_entropy", "prompt entropy (nats)"), ("dataset_entropy", "dataset entropy (nats)"),
+              ("curvature", "curvature (radians)"), ("effective_rank", "effective rank (dimensions)")]
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[t for _, t in panels], horizontal_spacing=0.07)
+    for i, (col, name) in enumerate(panels):
+        fig.add_trace(go.Scatter(x=list(frame["layer"]), y=as_floats(frame[col]), mode="lines+markers", name=name,
+                                 line=dict(color=PALETTE[i]), showlegend=False), row=1, col=i + 1)
+        fig.update_xaxes(title_text="layer", row=1, col=i + 1)
+    fig.update_layout(title=title, template="plotly_white", height=360)
+    return fig
+
+
+def concept_depth_figure(frame, curves, fraction: float = 0.9, title: str | None = None) -> go.Figure:
+    """Held-out probe accuracy (CV fold mean +- std) across layers for several concepts side by side; each
+    concept's depth (the shallowest layer reaching ``fraction`` of its best) is marked with its 95% interval."""
+    fig = go.Figure()
+    for i, row in enumerate(frame.itertuples()):
+        c = curves[curves["concept"] == row.concept]
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=list(c["layer"]), y=as_floats(c["accuracy"]), mode="lines+markers",
+                                 name=f"{row.concept} (depth {row.depth:.1f})", line=dict(color=color),
+                                 error_y=dict(type="data", array=as_floats(c["std"]), visible=True, thickness=1)))
+        lo, hi = row.ci_low, row.ci_high
+        err = dict(type="data", symmetric=False, array=[hi - row.depth], arrayminus=[row.depth - lo], visible=True) \
+            if math.isfinite(lo) and math.isfinite(hi) else None
+        fig.add_trace(go.Scatter(x=[row.depth], y=[row.best_accuracy * fraction], mode="markers", showlegend=False,
+                                 marker=dict(symbol="diamond", size=11, color=color), error_x=err,
+                                 hovertext=f"{row.concept}: depth {row.depth:.2f} [{lo:.2f}, {hi:.2f}]",
+                                 hoverinfo="text"))
+    fig.update_layout(title=title or f"concept depth: shallowest layer at {fraction:.0%} of the best accuracy",
+                      template="plotly_white", legend=LEGEND_TOP, xaxis=dict(title="layer", dtick=1),
+                      yaxis=dict(title="held-out accuracy (fraction correct, CV fold mean +- std)"))
+    return fig

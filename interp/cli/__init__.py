@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["capture", "store", "probe", "inlp", "steer", "sae", "detect", "demo"]
+COMMAND_MODULES = ["capture", "store", "probe", "inlp", "steer", "sae", "detect", "lens", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

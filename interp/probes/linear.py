@@ -809,6 +809,7 @@ def train_probes(
                     entry[f"train_{name}"] = _nanmean([m[name] for m in tr])
                     entry[f"heldout_{name}"] = _nanmean([m[name] for m in ho])
                 entry["heldout_accuracy_std"] = float(np.std([m["accuracy"] for m in ho]))
+                entry["heldout_accuracy_folds"] = [m["accuracy"] for m in ho]
             final_train = final_m[h][ci]
             test_m = test_all[h][ci] if test_all is not None else None
             if not n_folds:
