@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from interp.chat import render_dataset
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DatasetError, HookError
+from interp.fastpath import StopForward, attach, attn_implementation, fast_points
+from interp.fastpath import forward_to_stop as fast_forward_to_stop
 from interp.model import Tokens, model_device, model_identity, resolve_hooks, tokenize
 from interp.model import max_length as model_max_length
 from interp.store import ActivationStore, StoreWriter, dtype_from_name, example_line, lines_sha256
@@ -88,6 +90,7 @@ def capture(
     max_length: int | None = None,
     progress: bool = True,
     resume: bool = True,
+    fast: bool = True,
 ) -> ActivationStore:
     """Capture ``hooks`` for every example of ``dataset`` into the store at ``out`` and return it opened.
 
@@ -96,7 +99,10 @@ def capture(
     committed example; on a finished one it returns the store as it is. Either way the dataset must be the
     one the store was started on (the sha256 of its examples' lines), or a DatasetError says what differs.
     Texts longer than ``max_length`` (default: the model's context) are truncated, with one
-    :class:`TruncationWarning` giving the count.
+    :class:`TruncationWarning` giving the count. ``fast``: run the HF model the bridge wraps, with its fastest
+    attention and plain torch hooks (:mod:`interp.fastpath`; equal to the bridge to float rounding), where every
+    hook maps onto it; ``fast=False`` runs the bridge. The manifest's ``model.attn_implementation`` says which
+    attention ran.
     """
     dtype_name, _ = dtype_from_name(dtype)
     pool, region = parse_positions(positions)
@@ -120,7 +126,9 @@ def capture(
             )
     out = Path(out)
     has_token_labels = data.has_spans and pool == "all"
-    ident = model_identity(model)
+    fast = fast and fast_points(model, hook_names) is not None
+    ident = {**model_identity(model), "attn_implementation": attn_implementation(model) if fast else
+             attn_implementation(model, bridge=True)}
     writer = StoreWriter(
         out,
         hooks=hook_names,
@@ -146,7 +154,7 @@ def capture(
                 batch = data.examples[b0 : b0 + batch_size]
                 toks = tokenize(model, [e.text for e in batch], max_length).to(device)
                 truncated += count_truncated(batch, toks, limit)
-                cache = run_hooks(model, toks, hook_names)
+                cache = run_hooks(model, toks, hook_names, fast=fast)
                 _add_batch(writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
                 bar.update(len(batch))
         bar.close()
@@ -190,12 +198,6 @@ def _example_lines(data: Dataset) -> list[bytes]:
     return lines
 
 
-class StopForward(Exception):
-    """Raised from the deepest hook once every activation asked for is in hand: the rest of the forward
-    (later blocks, the unembedding or MLM head) is skipped. TransformerLens's ``stop_at_layer`` is not used
-    because it does not stop every architecture (BERT runs to the end)."""
-
-
 def _check_same_dataset(writer: StoreWriter, out: Path, lines: Sequence[bytes]) -> None:
     """Capturing into an existing store must continue (or re-return) the same dataset: the sha256 of the lines
     it would write must equal the one recorded when the store was started; otherwise say what differs."""
@@ -235,11 +237,12 @@ def forward_to_stop(model, input_ids: Tensor, **kwargs: Any) -> None:
 
 
 def run_hooks(
-    model, toks: Tokens, hook_names: Sequence[str], stop_early: bool = True
+    model, toks: Tokens, hook_names: Sequence[str], stop_early: bool = True, fast: bool = True
 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
     """One padded forward pass, returning the activations at ``hook_names`` (nothing else is kept).
 
-    With ``stop_early`` the forward ends as soon as the last of them has fired.
+    With ``stop_early`` the forward ends as soon as the last of them has fired. ``fast``: run the HF model the
+    bridge wraps with plain torch hooks (:mod:`interp.fastpath`) where every hook maps onto it; else the bridge.
     """
     cache: dict[str, Tensor] = {}
     wanted = len(set(hook_names))
@@ -249,8 +252,11 @@ def run_hooks(
         if stop_early and len(cache) == wanted:
             raise StopForward
 
-    with model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
-        forward_to_stop(model, toks.input_ids, attention_mask=toks.attention_mask)
+    with attach(model, [(h, save) for h in hook_names], fast) as fm:
+        if fm is None:
+            forward_to_stop(model, toks.input_ids, attention_mask=toks.attention_mask)
+        else:
+            fast_forward_to_stop(fm, toks.input_ids, toks.attention_mask)
     missing = [h for h in hook_names if h not in cache]
     if missing:
         raise HookError(f"hooks {missing} never fired in the forward pass; this architecture does not run them")

@@ -113,6 +113,7 @@ def load_model(
     dtype: Any = None,
     progress: bool = True,
     verify: bool = False,
+    attn_implementation: str | None = None,
 ):
     """Boot a model as a ``TransformerBridge`` in eval mode.
 
@@ -121,7 +122,14 @@ def load_model(
     directory saved with ``save_pretrained``, or a Hugging Face name (needs internet or a warm cache). ``dtype``:
     ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype. ``progress=False`` silences a GGUF conversion;
     ``verify=True`` rehashes a cached GGUF conversion's weights in full (every load checks them cheaply).
+    ``attn_implementation``: the attention the hot paths (capture, scoring, generation; :mod:`interp.fastpath`)
+    run the wrapped HF model with: None picks the fastest transformers has for the architecture (``"sdpa"``
+    where supported); ``"eager"`` is the bridge's own, whose results equal the bridge's bit for bit on BERT and
+    Llama models (SDPA's differ by float rounding).
     """
+    from interp import fastpath
+
+    fastpath.check_attn_implementation(attn_implementation)
     display, target, extras = resolve_model_path(name_or_path, progress=progress, verify=verify)
     device = str(resolve_device(device))
     torch_dtype = dtype_from_name(dtype)[1] if dtype is not None else torch.float32
@@ -142,6 +150,7 @@ def load_model(
         ) from None
     model.eval()
     patch_cache_keyword(model)
+    fastpath.prepare(model, attn_implementation)
     tok = model.tokenizer
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
