@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -149,14 +150,28 @@ def capture(
         limit = min(max_length or model_max_length(model), model_max_length(model))
         truncated = 0
         bar = tqdm(total=len(data), initial=start, desc=f"capture {out.name}", unit="ex", disable=not progress)
-        with torch.inference_mode():
-            for b0 in range(start, len(data), batch_size):
-                batch = data.examples[b0 : b0 + batch_size]
-                toks = tokenize(model, [e.text for e in batch], max_length).to(device)
+        batches = [data.examples[b0 : b0 + batch_size] for b0 in range(start, len(data), batch_size)]
+
+        def tok(batch: Sequence[Example]) -> Tokens:
+            return tokenize(model, [e.text for e in batch], max_length)
+
+        # the next batch is tokenised, and the last one written (rows selected, shards hashed and committed), in
+        # worker threads while this batch's forward runs; one write in flight at most, its error raised here
+        with torch.inference_mode(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="capture") as ex:
+            upcoming = ex.submit(tok, batches[0]) if batches else None
+            writing = None
+            for i, batch in enumerate(batches):
+                toks = upcoming.result().to(device)
+                if i + 1 < len(batches):
+                    upcoming = ex.submit(tok, batches[i + 1])
                 truncated += count_truncated(batch, toks, limit)
                 cache = run_hooks(model, toks, hook_names, fast=fast)
-                _add_batch(writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
+                if writing is not None:
+                    writing.result()
+                writing = ex.submit(_add_batch, writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
                 bar.update(len(batch))
+            if writing is not None:
+                writing.result()
         bar.close()
         writer.close(complete=True)
     except BaseException:
@@ -263,6 +278,7 @@ def run_hooks(
     return cache
 
 
+@torch.inference_mode()
 def _add_batch(
     writer: StoreWriter,
     batch: Sequence[Example],
