@@ -120,9 +120,10 @@ def bench_capture(args) -> dict:
         "interp capture, bridge (fast=False)": lambda: run_capture(False),
     }
     tokens = hf_loop(hf, tok, data, args.batch, False)
-    times = timed(sides, args.repeats, after=lambda: shutil.rmtree(tmp / "store", ignore_errors=True))
-    res = {"examples": len(data), "tokens": tokens, "seconds": times,
-           "ratios": {k: times["bare HF forward"] / v for k, v in times.items()}}
+    times, cpu = timed(sides, args.repeats, after=lambda: shutil.rmtree(tmp / "store", ignore_errors=True))
+    res = {"examples": len(data), "tokens": tokens, "seconds": times, "cpu_seconds": cpu,
+           "ratios": {k: times["bare HF forward"] / v for k, v in times.items()},
+           "cpu_ratios": {k: cpu["bare HF forward"] / v for k, v in cpu.items()}}
     if args.nnsight:
         f = tmp / "data.json"
         f.write_text(json.dumps(data))
@@ -133,7 +134,8 @@ def bench_capture(args) -> dict:
     print(f"\ncapture: {len(data)} texts, {tokens} tokens, all 6 layers of all-MiniLM-L6-v2, float16, batch "
           f"{args.batch}, {args.repeats} interleaved repeats (medians)")
     for k, v in times.items():
-        print(f"  {k:<38} {v:8.2f} s  {tokens / v:8.0f} tok/s  / bare {res['ratios'][k]:.3f}")
+        print(f"  {k:<38} wall {v:7.2f} s  {tokens / v:7.0f} tok/s  / bare {res['ratios'][k]:.3f}   CPU {cpu[k]:7.2f} s"
+              f"  / bare {res['cpu_ratios'][k]:.3f}")
     if "nnsight" in res:
         n = res["nnsight"]
         print(f"  {'nnsight (own process)':<38} {n['seconds']['nnsight']:8.2f} s  / bare in that process "
@@ -142,18 +144,21 @@ def bench_capture(args) -> dict:
     return res
 
 
-def timed(sides: dict, repeats: int, after=lambda: None) -> dict[str, float]:
-    """Median seconds of each side; ``after`` runs untimed after every call (removing a store)."""
+def timed(sides: dict, repeats: int, after=lambda: None) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and CPU (this process, all threads) seconds of each side; ``after`` runs untimed after every
+    call (removing a store)."""
     names = list(sides)
-    times: dict[str, list[float]] = {k: [] for k in names}
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate: drift hits every side alike
         for k in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sides[k]()
-            times[k].append(time.perf_counter() - t0)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
             after()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
 def bench_generation(name: str, args) -> dict:
@@ -183,14 +188,16 @@ def bench_generation(name: str, args) -> dict:
              "interp generate, bridge (fast=False)": lambda: engine(False)}
     for f in sides.values():
         f()
-    times = timed(sides, args.repeats)
-    base = times["HF generate (bare model)"]
+    times, cpu = timed(sides, args.repeats)
+    base, cbase = times["HF generate (bare model)"], cpu["HF generate (bare model)"]
     print(f"\ngeneration: {name}, {len(prompts)} prompts x {n} new tokens, greedy, {args.repeats} interleaved "
           f"repeats (medians); greedy tokens identical to HF generate: {same}")
     for k, v in times.items():
-        print(f"  {k:<38} {v * 1e3:9.1f} ms  {len(prompts) * n / v:8.1f} tok/s  tokens/s / HF {base / v:.3f}")
+        print(f"  {k:<38} wall {v * 1e3:8.1f} ms  {len(prompts) * n / v:7.1f} tok/s  / HF {base / v:.3f}   CPU "
+              f"{cpu[k] * 1e3:8.1f} ms  / HF {cbase / cpu[k]:.3f}")
     print("  target: interp generate / HF generate >= 0.95")
-    return {"model": name, "same_tokens": same, "seconds": times, "ratios": {k: base / v for k, v in times.items()}}
+    return {"model": name, "same_tokens": same, "seconds": times, "cpu_seconds": cpu,
+            "ratios": {k: base / v for k, v in times.items()}, "cpu_ratios": {k: cbase / v for k, v in cpu.items()}}
 
 
 def main() -> None:
