@@ -32,7 +32,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,6 +67,7 @@ class FastModel:
     points: dict[int, tuple[nn.Module, str]]
     hook_points: list[nn.Module]
     takes_use_cache: bool
+    resolved: dict[tuple[str, ...], list | None] = field(default_factory=dict)  # hook names -> their places
 
 
 def _supported_components() -> tuple[type, ...]:
@@ -212,6 +213,14 @@ def fast_points(model, hook_names: Sequence[str]) -> tuple[FastModel, list[tuple
     fm = fast_model(model)
     if fm is None or any(_attached(p) for p in fm.hook_points):
         return None
+    key = tuple(hook_names)
+    if key not in fm.resolved:
+        fm.resolved[key] = _resolve(model, fm, key)
+    out = fm.resolved[key]
+    return None if out is None else (fm, out)
+
+
+def _resolve(model, fm: FastModel, hook_names: Sequence[str]) -> list[tuple[nn.Module, str, Any]] | None:
     from interp.model import canonical_hook
 
     out = []
@@ -222,7 +231,7 @@ def fast_points(model, hook_names: Sequence[str]) -> tuple[FastModel, list[tuple
         if where is None:
             return None
         out.append((where[0], where[1], point))
-    return fm, out
+    return out
 
 
 def _attached(point) -> bool:
