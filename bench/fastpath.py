@@ -13,7 +13,8 @@
    greedy, ``min_new_tokens = max_new_tokens``; the bridge path (``fast=False``) beside it. Target >= 0.95.
    Greedy tokens are checked equal first (EOS off on HF's side).
 
-Run: python bench/fastpath.py [--examples 1024] [--repeats 3] [--shard-mb 256] [--new-tokens 32] [--models smollm2,tiny-gpt2]
+Run: python bench/fastpath.py [--examples 1024] [--repeats 3] [--shard-mb 256] [--new-tokens 32]
+     [--models smollm2,tiny-gpt2]
      [--nnsight /tmp/nnsight-venv/bin/python] [--skip-generation] [--skip-capture]
 """
 

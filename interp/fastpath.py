@@ -35,7 +35,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 
 from interp.errors import ConfigError
@@ -155,16 +155,23 @@ def fast_model(model) -> FastModel | None:
     if model in _twins:
         return _twins[model]
     found = None
-    cfg = getattr(model, "cfg", None)
     hf = getattr(model, "original_model", None)
-    if (isinstance(hf, nn.Module) and not getattr(model, "compatibility_mode", False)
-            and not any(getattr(cfg, flag, False) for flag in _CHANGES_COMPUTATION)):
+    if isinstance(hf, nn.Module) and _computes_like_hf(model):
         try:
             found = _build(model, hf)
         except _Unsupported:
             found = None
     _twins[model] = found
     return found
+
+
+def _computes_like_hf(model) -> bool:
+    """False once the bridge computes something else than its HF modules (compatibility mode's processed
+    weights, split-QKV inputs, attention results, ``hook_mlp_in``); checked on every use, as these can be
+    switched on after loading."""
+    cfg = getattr(model, "cfg", None)
+    return not getattr(model, "compatibility_mode", False) and not any(
+        getattr(cfg, flag, False) for flag in _CHANGES_COMPUTATION)
 
 
 def _build(model, hf: nn.Module) -> FastModel:
@@ -211,7 +218,7 @@ def fast_points(model, hook_names: Sequence[str]) -> tuple[FastModel, list[tuple
     """``(twin, [(module, "in" | "out", HookPoint)] per name)`` when every name maps to a module boundary and
     the bridge has no hooks of its own attached; None means: run the bridge."""
     fm = fast_model(model)
-    if fm is None or any(_attached(p) for p in fm.hook_points):
+    if fm is None or not _computes_like_hf(model) or any(_attached(p) for p in fm.hook_points):
         return None
     key = tuple(hook_names)
     if key not in fm.resolved:
@@ -319,7 +326,9 @@ def attach(model, fwd_hooks: Sequence[tuple[str, Callable]], fast: bool = True) 
         yield fm
 
 
-def forward_to_stop(fm: FastModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+def forward_to_stop(
+    fm: FastModel, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None
+) -> None:
     """One forward of the twin (no KV cache built) that any hook may end early by raising :class:`StopForward`."""
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if fm.takes_use_cache:

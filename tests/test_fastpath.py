@@ -164,3 +164,13 @@ def test_detector_scores_equal_the_bridge(gpt2):
         slow = det.score(gpt2, TEXTS, progress=False)
     for a, b in zip(slow.scores, fast.scores):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_a_bridge_switched_to_other_numerics_runs_itself(llama):
+    """Options that change what the bridge computes, set after loading, turn the fast path off."""
+    llama.cfg.use_hook_mlp_in = True
+    try:
+        assert fast_points(llama, ["blocks.0.hook_out"]) is None
+    finally:
+        llama.cfg.use_hook_mlp_in = False
+    assert fast_points(llama, ["blocks.0.hook_out"]) is not None
