@@ -21,7 +21,7 @@ TEXTS = [
     "I love this movie, it is wonderful.",
     "Question: Did you finish the report? Answer: Yes, this morning.",
 ]
-POLICIES = ("all", "last", "mean", "tail", "mean:tail")
+POLICIES = ("all", "last", "mean", "tail", "mean:tail", "last:tail")
 
 
 def _rows():
