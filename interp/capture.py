@@ -19,6 +19,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from interp import distributed
 from interp.chat import render_dataset
 from interp.datasets import Dataset, Example, load_dataset, token_labels_from_spans, token_mask_for_region
 from interp.errors import ConfigError, DatasetError, HookError
+from interp.fastpath import StopForward, attach, attn_implementation, fast_points
+from interp.fastpath import forward_to_stop as fast_forward_to_stop
 from interp.model import Tokens, model_device, model_identity, resolve_hooks, tokenize
 from interp.model import max_length as model_max_length
 from interp.store import (
@@ -92,6 +95,7 @@ def capture(
     max_length: int | None = None,
     progress: bool = True,
     resume: bool = True,
+    fast: bool = True,
 ) -> ActivationStore:
     """Capture ``hooks`` for every example of ``dataset`` into the store at ``out`` and return it opened.
 
@@ -100,7 +104,10 @@ def capture(
     committed example; on a finished one it returns the store as it is. Either way the dataset must be the
     one the store was started on (the sha256 of its examples' lines), or a DatasetError says what differs.
     Texts longer than ``max_length`` (default: the model's context) are truncated, with one
-    :class:`TruncationWarning` giving the count.
+    :class:`TruncationWarning` giving the count. ``fast``: run the HF model the bridge wraps, with its fastest
+    attention and plain torch hooks (:mod:`interp.fastpath`; equal to the bridge to float rounding), where every
+    hook maps onto it; ``fast=False`` runs the bridge. The manifest's ``model.attn_implementation`` says which
+    attention ran.
 
     In a distributed job (``torchrun``, or a caller's initialised process group) every rank makes the same call:
     each captures its own slice of whole batches into a part store under ``out/.parts``, and rank 0 then commits
@@ -129,11 +136,14 @@ def capture(
             )
     out = Path(out)
     has_token_labels = data.has_spans and pool == "all"
+    fast = fast and fast_points(model, hook_names) is not None
+    ident = {**model_identity(model), "attn_implementation": attn_implementation(model) if fast else
+             attn_implementation(model, bridge=True)}
     settings = dict(
         hooks=hook_names,
         d_model=int(model.cfg.d_model),
         dtype=dtype_name,
-        model=model_identity(model),
+        model=ident,
         positions=positions,
         hook_aliases=aliases,
         dataset={**data.provenance(), "sha256": lines_sha256(lines)},
@@ -163,14 +173,28 @@ def capture(
         bar = tqdm(total=stop - writer.example_offset, initial=start - writer.example_offset, unit="ex",
                    desc=f"capture {out.name}" + (f" (rank 0 of {world})" if world > 1 else ""),
                    disable=not progress or rank != 0)
-        with torch.inference_mode():
-            for b0 in range(start, stop, batch_size):
-                batch = data.examples[b0 : min(b0 + batch_size, stop)]
-                toks = tokenize(model, [e.text for e in batch], max_length).to(device)
+        batches = [data.examples[b0 : min(b0 + batch_size, stop)] for b0 in range(start, stop, batch_size)]
+
+        def tok(batch: Sequence[Example]) -> Tokens:
+            return tokenize(model, [e.text for e in batch], max_length)
+
+        # the next batch is tokenised, and the last one written (rows selected, shards hashed and committed), in
+        # worker threads while this batch's forward runs; one write in flight at most, its error raised here
+        with torch.inference_mode(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="capture") as ex:
+            upcoming = ex.submit(tok, batches[0]) if batches else None
+            writing = None
+            for i, batch in enumerate(batches):
+                toks = upcoming.result().to(device)
+                if i + 1 < len(batches):
+                    upcoming = ex.submit(tok, batches[i + 1])
                 truncated += count_truncated(batch, toks, limit)
-                cache = run_hooks(model, toks, hook_names)
-                _add_batch(writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
+                cache = run_hooks(model, toks, hook_names, fast=fast)
+                if writing is not None:
+                    writing.result()
+                writing = ex.submit(_add_batch, writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
                 bar.update(len(batch))
+            if writing is not None:
+                writing.result()
         bar.close()
         writer.close(complete=True)
     except Exception as e:
@@ -219,12 +243,6 @@ def _example_lines(data: Dataset) -> list[bytes]:
         except (TypeError, ValueError) as e:
             raise DatasetError(f"example {i} (id {ex.id!r}) has a field that is not JSON ({e}); give plain values")
     return lines
-
-
-class StopForward(Exception):
-    """Raised from the deepest hook once every activation asked for is in hand: the rest of the forward
-    (later blocks, the unembedding or MLM head) is skipped. TransformerLens's ``stop_at_layer`` is not used
-    because it does not stop every architecture (BERT runs to the end)."""
 
 
 def _check_same_dataset(writer: StoreWriter, out: Path, lines: Sequence[bytes]) -> None:
@@ -332,11 +350,12 @@ def forward_to_stop(model, input_ids: Tensor, **kwargs: Any) -> None:
 
 
 def run_hooks(
-    model, toks: Tokens, hook_names: Sequence[str], stop_early: bool = True
+    model, toks: Tokens, hook_names: Sequence[str], stop_early: bool = True, fast: bool = True
 ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
     """One padded forward pass, returning the activations at ``hook_names`` (nothing else is kept).
 
-    With ``stop_early`` the forward ends as soon as the last of them has fired.
+    With ``stop_early`` the forward ends as soon as the last of them has fired. ``fast``: run the HF model the
+    bridge wraps with plain torch hooks (:mod:`interp.fastpath`) where every hook maps onto it; else the bridge.
     """
     cache: dict[str, Tensor] = {}
     wanted = len(set(hook_names))
@@ -346,14 +365,18 @@ def run_hooks(
         if stop_early and len(cache) == wanted:
             raise StopForward
 
-    with model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
-        forward_to_stop(model, toks.input_ids, attention_mask=toks.attention_mask)
+    with attach(model, [(h, save) for h in hook_names], fast) as fm:
+        if fm is None:
+            forward_to_stop(model, toks.input_ids, attention_mask=toks.attention_mask)
+        else:
+            fast_forward_to_stop(fm, toks.input_ids, toks.attention_mask)
     missing = [h for h in hook_names if h not in cache]
     if missing:
         raise HookError(f"hooks {missing} never fired in the forward pass; this architecture does not run them")
     return cache
 
 
+@torch.inference_mode()
 def _add_batch(
     writer: StoreWriter,
     batch: Sequence[Example],

@@ -36,7 +36,6 @@ import inspect
 import math
 import os
 import weakref
-from contextlib import nullcontext
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from tqdm.auto import tqdm
 
 from interp.artifacts import jsonable, load_json, load_tensors, save_tensors
 from interp.capture import StopForward
+from interp.fastpath import attach, attn_implementation, fast_points
 from interp.errors import ConfigError, close_matches
 from interp.model import check_cache, is_encoder, max_length, model_device, model_identity, tokenize
 from interp.store import atomic_write_json
@@ -442,6 +442,7 @@ def generate(
     return_logits: bool = False,
     batch_size: int = 16,
     progress: bool = False,
+    fast: bool = True,
 ) -> GenerationResult:
     """Generate continuations of ``prompts`` (strings or chats), batched, left-padded, seeded and KV-cached.
 
@@ -451,7 +452,8 @@ def generate(
     ``seed`` (the same prompts, batch size and seed give the same tokens). ``stop_when(k, tokens [batch],
     scores {name: [batch]}) -> bool [batch]`` is called once generated token ``k`` of every row is known and
     scored; rows it returns True for stop after that token. ``score_last=False`` skips the forward that scores
-    the last token (watchers then miss it).
+    the last token (watchers then miss it). ``fast``: run the HF model the bridge wraps with its fastest
+    attention and plain torch hooks (:mod:`interp.fastpath`) where every hook maps onto it; ``False``: the bridge.
     """
     if is_encoder(model):
         raise ConfigError("this model is an encoder (no next-token head); generate with a decoder such as GPT-2")
@@ -474,13 +476,15 @@ def generate(
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     opts = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
-                stop_at_eos=stop_at_eos, stop_when=stop_when, score_last=score_last, return_logits=return_logits)
+                stop_at_eos=stop_at_eos, stop_when=stop_when, score_last=score_last, return_logits=return_logits,
+                fast=fast and fast_points(model, [h.hook for h in [*acts, *watches]]) is not None)
     parts = []
     for b0 in tqdm(range(0, len(rows), batch_size), desc="generate", disable=not progress):
         parts.append(_run_batch(model, rows[b0 : b0 + batch_size], acts, watches, gen, device, **opts))
     config = {
         "model": model_identity(model), "max_new_tokens": max_new_tokens, "temperature": float(temperature),
-        "top_k": top_k, "top_p": top_p, "seed": int(seed), "batch_size": batch_size, "stop_at_eos": stop_at_eos,
+        "top_k": top_k, "top_p": top_p, "seed": int(seed), "attn_implementation": attn_implementation(
+            model, bridge=not opts["fast"]), "batch_size": batch_size, "stop_at_eos": stop_at_eos,
         "chat": chat, "acts": [{"name": a.name, "hook": a.hook, "positions": a.positions if isinstance(
             a.positions, str) else list(a.positions)} for a in acts],
         "watchers": [{"name": w.name, "hook": w.hook, "stop_above": w.stop_above} for w in watches],
@@ -525,9 +529,7 @@ def _check_reach(acts: list[Act], lengths: list[int], max_new_tokens: int) -> No
 
 
 def _run_batch(model, rows, acts, watches, gen, device, *, max_new_tokens, temperature, top_k, top_p,
-               stop_at_eos, stop_when, score_last, return_logits) -> dict[str, Any]:
-    hf = model.original_model
-    cache_kw, takes_pos, takes_keep = _forward_keywords(hf)
+               stop_at_eos, stop_when, score_last, return_logits, fast) -> dict[str, Any]:
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = tok.eos_token_id if stop_at_eos else None
@@ -587,8 +589,9 @@ def _run_batch(model, rows, acts, watches, gen, device, *, max_new_tokens, tempe
                 stop |= asked
         finished.logical_or_(stop)
 
-    ctx = model.hooks(fwd_hooks=fwd) if fwd else nullcontext()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), attach(model, fwd, fast) as fm:
+        hf = model.original_model if fm is None else fm.hf  # the twin, or the HF model with the bridge inside
+        cache_kw, takes_pos, takes_keep = _forward_keywords(hf)
         pos0 = (mask.cumsum(1) - 1).masked_fill(mask == 0, -1)
         padded = bool((mask == 0).any())
         logits, past = forward(ids, T, None, pos0, padded)

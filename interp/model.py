@@ -122,6 +122,7 @@ def load_model(
     progress: bool = True,
     verify: bool = False,
     device_map: str | dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
 ):
     """Boot a model as a ``TransformerBridge`` in eval mode.
 
@@ -135,7 +136,14 @@ def load_model(
     transformer-lens): ``"auto"``, ``"balanced"``, ``"sequential"``, one device, or a dict from module names to devices (``{"": "cpu"}``);
     inputs then go to the embedding's device and hooks see each block's activations on its own device.
     It replaces ``device``; an architecture TransformerLens cannot split is a one-line :class:`ModelLoadError`.
+    ``attn_implementation``: the attention the hot paths (capture, scoring, generation; :mod:`interp.fastpath`)
+    run the wrapped HF model with: None picks the fastest transformers has for the architecture (``"sdpa"``
+    where supported); ``"eager"`` is the bridge's own, whose results equal the bridge's bit for bit on BERT and
+    Llama models (SDPA's differ by float rounding).
     """
+    from interp import fastpath
+
+    fastpath.check_attn_implementation(attn_implementation)
     display, target, extras = resolve_model_path(name_or_path, progress=progress, verify=verify)
     placement: dict[str, Any] = {"device": str(resolve_device(device))}
     if device_map is not None:
@@ -161,6 +169,7 @@ def load_model(
         ) from None
     model.eval()
     patch_cache_keyword(model)
+    fastpath.prepare(model, attn_implementation)
     tok = model.tokenizer
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token

@@ -47,7 +47,8 @@ def test_cache_check_names_the_versions():
 
 
 def test_an_unpatched_bridge_is_caught(tmp_path):
-    """Remove the compatibility hook: on a transformers that passes ``cache=`` the loop must raise, never decode."""
+    """Remove the compatibility hook: on a transformers that passes ``cache=`` the loop must raise, never decode.
+    (The bridge path, ``fast=False``: the fast path runs transformers' own attention, which needs no patch.)"""
     import transformers
 
     model = load_model(str(tiny_decoder(tmp_path / "g", "gpt2")), device="cpu")
@@ -55,10 +56,10 @@ def test_an_unpatched_bridge_is_caught(tmp_path):
         if getattr(m, "_interp_cache_patch", False):
             m._forward_pre_hooks.clear()
             m._interp_cache_patch = False
-    from interp.steering import generate
+    from interp.generation import generate
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     if (major, minor) < (5, 24):
         pytest.skip("this transformers still passes past_key_values: nothing to catch")
     with pytest.raises(ModelLoadError, match="cached decoding is broken"):
-        generate(model, ["The capital of"], max_new_tokens=3, progress=False)
+        generate(model, ["The capital of"], max_new_tokens=3, fast=False)

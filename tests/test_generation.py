@@ -206,8 +206,11 @@ def test_sampling_is_seeded_and_top_p_truncates():
         assert set(draws[r].tolist()) <= allowed and len(allowed) < 50
 
 
-def test_cache_that_drops_tokens_is_a_clear_error(gpt2, monkeypatch):
-    hf = gpt2.original_model
+@pytest.mark.parametrize("fast", [False, True])
+def test_cache_that_drops_tokens_is_a_clear_error(gpt2, monkeypatch, fast):
+    from interp.fastpath import fast_model
+
+    hf = fast_model(gpt2).hf if fast else gpt2.original_model  # the twin the fast path runs, or the bridge's
     orig = hf.forward
 
     def forgetful(**kw):
@@ -217,7 +220,7 @@ def test_cache_that_drops_tokens_is_a_clear_error(gpt2, monkeypatch):
 
     monkeypatch.setattr(hf, "forward", forgetful)
     with pytest.raises(ModelLoadError, match="transformers .*transformer-lens"):
-        generate(gpt2, ["Hello there"], max_new_tokens=3)
+        generate(gpt2, ["Hello there"], max_new_tokens=3, fast=fast)
 
 
 def test_bad_inputs_are_one_line_errors(gpt2):

@@ -12,7 +12,7 @@ ROOT = Path(interp.__file__).parent
 
 LAYERS = {
     1: ("errors", "devices", "datasets", "store", "artifacts", "grading", "stats", "distributed"),
-    2: ("model", "gguf", "chat", "capture", "generation", "testing"),
+    2: ("model", "gguf", "chat", "fastpath", "capture", "generation", "testing"),
     3: ("probes", "directions", "nullspace", "sae", "lenses", "layers"),
     4: ("steering", "detectors"),
     5: ("comparisons", "plots", "reports", "cli", "__main__"),

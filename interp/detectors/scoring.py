@@ -19,14 +19,20 @@ from interp.datasets import Dataset, Example, load_dataset, token_mask_for_regio
 from interp.detectors.calibration import aggregate_scores
 from interp.detectors.results import DetectorScores, MonitorResult, _token_strings
 from interp.errors import ConfigError, DetectorError, HookError, InterpError
+from interp.fastpath import attach
+from interp.fastpath import forward_to_stop as fast_forward_to_stop
 from interp.generation import Watch
 from interp.model import model_device
 
 
-def _run_to_hook(model, input_ids: Tensor, out: dict[str, Tensor], **kwargs: Any) -> None:
+def _run_to_hook(model, fm, input_ids: Tensor, out: dict[str, Tensor], attention_mask: Tensor) -> None:
     """One forward that ends at the detector's hook (which stores its scores in ``out`` and raises
-    :class:`~interp.capture.StopForward`: ``stop_at_layer`` does not stop every architecture)."""
-    forward_to_stop(model, input_ids, **kwargs)
+    :class:`~interp.capture.StopForward`: ``stop_at_layer`` does not stop every architecture): the bridge's
+    twin ``fm`` (:mod:`interp.fastpath`), or the bridge when ``fm`` is None."""
+    if fm is None:
+        forward_to_stop(model, input_ids, attention_mask=attention_mask)
+    else:
+        fast_forward_to_stop(fm, input_ids, attention_mask)
     if "scores" not in out:
         raise DetectorError("the detector's hook did not fire during the forward pass; the model does not run it")
 
@@ -146,7 +152,7 @@ class _Scoring:
             raise StopForward  # nothing after the hook is needed
 
         tok = model.tokenizer
-        with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, grab)]):
+        with torch.inference_mode(), attach(model, [(hook, grab)]) as fm:
             for b0 in tqdm(range(0, n, batch_size), desc="detector score", disable=not progress):
                 idx = order[b0 : b0 + batch_size]
                 if examples is not None:
@@ -154,7 +160,7 @@ class _Scoring:
                 else:
                     toks = _pad_ids([id_rows[i] for i in idx], tok)  # type: ignore[index]
                 toks = toks.to(device)
-                _run_to_hook(model, toks.input_ids, out, attention_mask=toks.attention_mask)
+                _run_to_hook(model, fm, toks.input_ids, out, toks.attention_mask)
                 s = out.pop("scores").cpu()
                 ids = toks.input_ids.cpu()
                 for j, i in enumerate(idx):

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.capture import run_hooks
 from interp.errors import ConfigError, SteeringError
 from interp.generation import GenerationResult, Positions, projection_watch
 from interp.generation import generate as engine_generate
-from interp.model import canonical_hook, is_encoder, model_device, model_identity
+from interp.model import Tokens, canonical_hook, is_encoder, model_device, model_identity
 from interp.store import atomic_write_json
 
 OPS = ("add", "ablate", "clamp")
@@ -259,16 +260,11 @@ class probe_score(Metric):  # noqa: N801
                 mask = torch.zeros(len(chunk), T, dtype=torch.long)
                 for i, s in enumerate(chunk):
                     ids[i, : len(s)], mask[i, : len(s)] = s, 1
-                acts: dict[str, Tensor] = {}
-
-                def save(a: Tensor, hook) -> None:
-                    acts["x"] = a.detach()
-
-                with model.hooks(fwd_hooks=[(hook, save)]):
-                    model(ids.to(device), attention_mask=mask.to(device), return_type=None)
+                toks = Tokens(ids, mask, [], [len(s) for s in chunk]).to(device)
+                acts = run_hooks(model, toks, [hook])  # the fast path where the hook maps (interp.fastpath)
                 for i, s in enumerate(chunk):
                     lo, hi = int(L[b0 + i]), len(s)
-                    x = acts["x"][i, lo:hi].float().cpu()
+                    x = acts[hook][i, lo:hi].float().cpu()
                     if x.shape[0] == 0:
                         scores.append(float("nan"))
                         continue
