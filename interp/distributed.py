@@ -53,13 +53,20 @@ def init_from_env(timeout_s: float = 24 * 3600) -> tuple[int, int]:
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed; run a single process, or install a torch with it")
     dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    atexit.register(_shutdown)  # a group left running at exit can abort the process in gloo's threads
+    atexit.register(shutdown)  # a group left running at exit can abort the process in gloo's threads
     return rank_world()
 
 
-def _shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown() -> None:
+    """End the process group, if one runs: every rank first meets the others (so that none tears its connections
+    down while a peer still talks to it: gloo aborts a process whose peer vanishes mid-exchange), then destroys it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:  # bounded: a rank leaving on an error must not wait for peers that will never come
+        dist.monitored_barrier(group=_group(), timeout=timedelta(seconds=60))
+    except Exception:  # noqa: BLE001 - a peer that died or left already: nothing left to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

@@ -61,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, rank, world)
     finally:
         if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+            distributed.shutdown()
 
 
 def _run(args: argparse.Namespace, rank: int, world: int) -> int:
