@@ -551,7 +551,11 @@ def trajectory(model, prompt: str, tuned: TunedLens | None = None, *, k: int = 5
     logits = torch.stack(grids)  # [layer, pos, vocab]
     probs = logits.softmax(-1)
     top_p, top_i = probs.topk(k, -1)
-    decode = model.tokenizer.convert_ids_to_tokens
+    tokenizer = model.tokenizer
+
+    def decode(ids: list[int]) -> list[str]:  # readable strings (" Paris"), not BPE pieces ("ĠParis")
+        return [tokenizer.decode([i]) for i in ids]
+
     top_tokens = [[decode(row.tolist()) for row in layer] for layer in top_i.cpu()]
     rank = None
     if target is not None:
