@@ -43,7 +43,7 @@ from interp.model import load_model, minilm_path, model_device, resolve_model_pa
 from interp.testing import tiny_gpt2
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation import PROMPTS  # noqa: E402
+from steering import prompt_batch  # noqa: E402  (bench/steering.py)
 
 WORDS = ("the capital of france is paris and the river runs through a city of light where people walk and talk "
          "about history science music art and the weather on a long summer evening").split()
@@ -177,7 +177,7 @@ def bench_generation(name: str, args) -> dict:
     path = str(tiny_gpt2(tempfile.mkdtemp())) if name == "tiny-gpt2" else resolve_model_path(name, progress=False)[1]
     model = load_model(path, device="cpu")
     bare = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompts = (PROMPTS * ((args.batch_gen + len(PROMPTS) - 1) // len(PROMPTS)))[: args.batch_gen]
+    prompts = prompt_batch(args.batch_gen)
     _, rows, _ = render_prompts(model, prompts)
     pad = model.tokenizer.pad_token_id or 0
     ids, mask = left_pad(rows, pad)

@@ -33,17 +33,7 @@ from interp.generation import generate, left_pad, render_prompts
 from interp.model import load_model, model_device, model_identity
 from interp.steering import Intervention
 from interp.testing import tiny_gpt2
-
-PROMPTS = [
-    "The capital of France is",
-    "Once upon a time a small model learned to count",
-    "I love this movie, it is wonderful and happy.",
-    "Question: Did you finish the report? Answer:",
-    "Marie Curie studied radioactivity in Paris and",
-    "Hi",
-    "Steering vectors push a model's residual stream along a direction",
-    "The quick brown fox",
-]
+from steering import prompt_batch  # bench/steering.py: the same prompts
 
 
 def sync(device) -> None:
@@ -53,7 +43,7 @@ def sync(device) -> None:
 
 def bench_model(name: str, model, args) -> dict[str, float]:
     device = model_device(model)
-    prompts = (PROMPTS * ((args.batch + len(PROMPTS) - 1) // len(PROMPTS)))[: args.batch]
+    prompts = prompt_batch(args.batch)
     _, rows, _ = render_prompts(model, prompts)
     pad = model.tokenizer.pad_token_id or 0
     ids, mask = left_pad(rows, pad)

@@ -39,6 +39,11 @@ PROMPTS = [
 ]
 
 
+def prompt_batch(n: int) -> list[str]:
+    """``n`` prompts: PROMPTS repeated as often as needed (also used by bench/generation.py and bench/fastpath.py)."""
+    return (PROMPTS * ((n + len(PROMPTS) - 1) // len(PROMPTS)))[:n]
+
+
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process): CPU time is what the work costs even when other
     processes share the cores; wall time is what a user waits."""
@@ -56,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     path = tiny_gpt2(tempfile.mkdtemp(), n_layer=4, d_model=256, n_head=4, n_ctx=256, vocab_size=512)
     model = load_model(str(path), device="cpu")
-    prompts = (PROMPTS * ((args.batch + len(PROMPTS) - 1) // len(PROMPTS)))[: args.batch]
+    prompts = prompt_batch(args.batch)
     v = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
     add_all = Intervention(v / v.norm(), op="add", alpha=4.0, positions="all", hook="blocks.2.hook_resid_post")
     add_gen = Intervention(v / v.norm(), op="add", alpha=4.0, positions="generated", hook="blocks.2.hook_resid_post")
