@@ -26,7 +26,7 @@ _GLOO: dict[int, Any] = {}  # id of the default group -> the gloo group interp t
 
 def env_world() -> tuple[int, int] | None:
     """``(rank, world)`` from torchrun's environment variables, or None when they are not set."""
-    if not all(k in os.environ for k in _ENV):
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -35,6 +35,8 @@ def env_world() -> tuple[int, int] | None:
                           " launch with torchrun, which sets them") from None
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside WORLD_SIZE={world}; launch with torchrun, which sets them")
+    if world > 1 and not all(k in os.environ for k in _ENV):  # half a launch: never run as one silent process
+        raise ConfigError("RANK/WORLD_SIZE are set without MASTER_ADDR/MASTER_PORT: launch with torchrun")
     return rank, world
 
 

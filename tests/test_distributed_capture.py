@@ -15,7 +15,7 @@ import torch
 
 from interp import capture, distributed, load_model
 from interp.datasets import load_dataset
-from interp.errors import StoreError, StoreLockedError
+from interp.errors import ConfigError, StoreError, StoreLockedError
 from interp.store import PARTS, ActivationStore, StoreWriter, prune_parts
 from store_cases import fingerprint
 
@@ -151,6 +151,17 @@ def test_a_rank_that_fails_fails_every_rank(tmp_path):
         assert said[k][0] == f"{k} 2 [0, 'plan'] [0, 10]"  # rank 0's plan and every rank's value, on each
     assert said[1][1] == "1 StoreError disk full"  # the rank that failed raises its own error
     assert said[0][1] == "0 RankFailedError writing parts failed on rank 1: disk full"  # the other learns why
+
+
+def test_half_a_torchrun_environment_is_an_error(monkeypatch):
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without MASTER_ADDR/MASTER_PORT: launch with torchrun"):
+        distributed.init_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one rank needs no rendezvous
+    assert distributed.init_from_env() == (0, 1)
 
 
 def test_split_range_covers_whole_batches_in_order():
