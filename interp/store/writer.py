@@ -257,17 +257,18 @@ class StoreWriter:
         if self._buf_bytes >= self.shard_bytes:
             self.flush()
 
-    def flush(self) -> None:
-        """Commit the buffered examples as one shard (no-op when nothing is buffered)."""
+    def flush(self, complete: bool = False) -> None:
+        """Commit the buffered examples as one shard (no-op when nothing is buffered); ``complete``: the same
+        manifest write also marks the store complete (the last shard of a capture: one commit, not two)."""
         if not self._buf_examples:
             return
         try:
-            self._commit()
+            self._commit(complete)
         except OSError as e:
             self.abort()
             raise _io_error(self.path, e) from None
 
-    def _commit(self) -> None:
+    def _commit(self, complete: bool = False) -> None:
         idx = len(self.manifest["shards"])
         name = f"shard-{idx:06d}.safetensors"
         chunks: dict[str, list[Tensor]] = {h: self._buf_acts[h] for h in self.hooks}
@@ -295,6 +296,8 @@ class StoreWriter:
         manifest["n_rows"] = int(self.manifest["n_rows"]) + rows
         manifest["examples_bytes"] = int(self.manifest["examples_bytes"]) + sum(map(len, self._buf_examples))
         manifest["examples_sha256"] = ex_hash.hexdigest()
+        if complete:
+            manifest.update(complete=True, completed=now())
         atomic_write_json(self.path / MANIFEST, manifest)  # the commit point
         self.manifest = manifest
         self._examples_hash = ex_hash
@@ -349,7 +352,7 @@ class StoreWriter:
         """Flush, mark the store complete (when ``complete``), and release the lock."""
         if self._closed:
             return
-        self.flush()
+        self.flush(complete)
         try:
             if complete and not self.manifest.get("complete"):
                 self.manifest = {**self.manifest, "complete": True, "completed": now()}
