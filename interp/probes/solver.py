@@ -322,21 +322,26 @@ def fit_logistic(
         """Objective and gradient at ``theta`` for the hooks in ``hooks``; written into ``f``/``g`` in place."""
         gw_scale, gw_shift = factors["gw_scale"], factors["gw_shift"]
         for lo, hi in _runs(hooks):
-            w, b = theta[lo:hi, :, :d], theta[lo:hi, :, d]
+            if hi - lo == H:  # every hook (the usual case): no slicing
+                th, gg, ff, Xh, isc, ms, shift = theta, g, f, X, inv_scale, mos, gw_shift
+            else:
+                th, gg, ff, Xh = theta[lo:hi], g[lo:hi], f[lo:hi], X[lo:hi]
+                isc, ms, shift = (None if t is None else t[lo:hi] for t in (inv_scale, mos, gw_shift))
+            w, b = th[..., :d], th[..., d]
             wp = w @ proj if proj is not None else w
-            Wp = wp * inv_scale[lo:hi] if inv_scale is not None else wp.contiguous()
-            bp = b - torch.linalg.vecdot(wp, mos[lo:hi]) if mos is not None else b.contiguous()
-            loss, gW, gb = loss_grad(X[lo:hi], Wp, bp, Y, S)
+            Wp = wp * isc if isc is not None else wp.contiguous()
+            bp = b - torch.linalg.vecdot(wp, ms) if ms is not None else b.contiguous()
+            loss, gW, gb = loss_grad(Xh, Wp, bp, Y, S)
             sc = gw_scale if gw_scale.shape[0] == 1 else gw_scale[lo:hi]
-            gw = g[lo:hi, :, :d]
+            gw = gg[..., :d]
             gv = torch.mul(gW, sc, out=gw) if proj is None else gW * sc
-            if gw_shift is not None:
-                gv.addcmul_(gb[..., None], gw_shift[lo:hi], value=-1.0)
+            if shift is not None:
+                gv.addcmul_(gb.unsqueeze(-1), shift, value=-1.0)
             if proj is not None:
                 gw.copy_(gv @ proj)
             gw.addcmul_(factors["lam3"], w)
-            g[lo:hi, :, d] = gb * inv_sw
-            f[lo:hi] = torch.addcmul(loss * inv_sw, factors["half_lam"], torch.linalg.vecdot(w, w))
+            torch.mul(gb, inv_sw, out=gg[..., d])
+            torch.addcmul(loss.mul_(inv_sw), factors["half_lam"], torch.linalg.vecdot(w, w), out=ff)
 
     theta = torch.zeros(H, P, D, device=dev, dtype=f32)
     f = torch.zeros(H, P, device=dev, dtype=f32)
@@ -352,6 +357,7 @@ def fit_logistic(
     S_hist = torch.zeros(memory, H, P, D, device=dev, dtype=f32)
     Y_hist = torch.zeros_like(S_hist)
     rho = torch.zeros(memory, H, P, device=dev, dtype=f32)
+    slots = list(zip(S_hist, Y_hist, rho))  # per-slot views, so that the recursion indexes no tensor
     slot, filled = 0, 0  # next slot to write, slots written so far (at most memory)
     gamma = torch.ones(H, P, device=dev, dtype=f32)  # scale of the initial matrix: s.y / y.H0 y of the last pair
     has_hist = torch.zeros(H, P, dtype=torch.bool, device=dev)
@@ -366,8 +372,8 @@ def fit_logistic(
 
     def forget(which: Tensor) -> None:
         """Drop the quasi-Newton memory of the problems in ``which``."""
-        nonlocal rho, gamma, has_hist
-        rho = rho * (~which)[None]
+        nonlocal gamma, has_hist
+        rho.mul_(~which)
         gamma = torch.where(which, torch.ones_like(gamma), gamma)
         has_hist = has_hist & ~which
 
@@ -405,6 +411,7 @@ def fit_logistic(
                                   dphi0, fails, stalled)
             )
             S_hist, Y_hist, rho = S_hist[:, :, k], Y_hist[:, :, k], rho[:, :, k]
+            slots = list(zip(S_hist, Y_hist, rho))
             Y, S, lam, inv_sw = Y[k], S[k], lam[k], inv_sw[:, k]
             inv_scale = None if inv_scale is None else inv_scale[:, k]
             mos = None if mos is None else mos[:, k]
@@ -455,8 +462,9 @@ def fit_logistic(
             q = g.clone()
             a = []
             for i in order:
-                ai = rho[i] * torch.linalg.vecdot(S_hist[i], q)
-                q.addcmul_(ai[..., None], Y_hist[i], value=-1.0)
+                s_i, y_i, rho_i = slots[i]
+                ai = torch.linalg.vecdot(s_i, q).mul_(rho_i).unsqueeze_(-1)
+                q.addcmul_(ai, y_i, value=-1.0)
                 a.append(ai)
             if stored:  # H0 on q and, for gamma, on the new pairs' y: one product
                 yHy, r = (yy, q) if identity_h0 else curvature_pair(yv, q)
@@ -466,8 +474,9 @@ def fit_logistic(
                 r = apply_h0(q)
             r.mul_(gamma[..., None])
             for i, ai in zip(reversed(order), reversed(a)):
-                beta = rho[i] * torch.linalg.vecdot(Y_hist[i], r)
-                r.addcmul_((ai - beta)[..., None], S_hist[i])
+                s_i, y_i, rho_i = slots[i]
+                beta = torch.linalg.vecdot(y_i, r).mul_(rho_i).unsqueeze_(-1)
+                r.addcmul_(ai.sub_(beta), s_i)
             new_dir = r.neg_()
             new_dphi = torch.linalg.vecdot(g, new_dir)
             bad = new_dphi >= 0  # not a descent direction (numerical trouble): restart from the initial matrix
