@@ -35,17 +35,22 @@ Why L-BFGS, and this variant
   gradients only, which stay accurate in float32 when losses differ in their last digits). A rejected trial
   is shortened by secant interpolation of the directional derivative. Problems converge independently;
   hooks whose problems have all converged are no longer evaluated.
-* Memory ``m = 20`` pairs (sklearn/scipy use 10), kept in one ring of ``m`` slots shared by all problems and
-  written in place: a problem that stores no pair in a round gets a pair with ``rho = 0`` there, which the
-  two-loop recursion skips exactly (it only shortens that problem's memory). The recursion runs over the
-  slots written so far, and the initial matrix is applied once per iteration, to the recursion's vector and
-  the new pairs' ``y`` (for the scale ``gamma``) together; with several values of C laid out in contiguous
-  blocks (as ``train_probes`` does), that is one batched product. When the covariance estimate has fewer rows
-  than features (small stores), the initial matrices come from one eigendecomposition per hook (of the rows'
-  Gram matrix) for every value of C, and ``gamma`` needs only the new pairs' coordinates on its eigenvectors,
-  not a full product. On small problems (a few hundred rows) this
-  bookkeeping, not the passes, is the cost of a sweep; so problems (columns) whose every hook has converged
-  leave the batch once they are half of it, and the last slow problems iterate alone.
+* Memory ``m = 20`` pairs by default (sklearn/scipy use 10; sweeps use 5, ``SWEEP_MEMORY`` in
+  :mod:`interp.probes.linear`, where the bookkeeping costs more than the passes), kept in one ring of ``m``
+  slots shared by all problems and written in place: a problem that stores no pair in a round gets a pair with
+  ``rho = 0`` there, which the two-loop recursion skips exactly (it only shortens that problem's memory). The
+  recursion runs over the slots written so far, and the initial matrix is applied once per iteration, to the
+  recursion's vector and the new pairs' ``y`` (for the scale ``gamma``) together; with several values of C laid
+  out in contiguous blocks (as ``train_probes`` does), that is one batched product. When the covariance estimate
+  has fewer rows than features (small stores), the initial matrices come from one eigendecomposition per hook
+  (of the rows' Gram matrix) for every value of C, and ``gamma`` needs only the new pairs' coordinates on its
+  eigenvectors, not a full product. On small problems (a few hundred rows) this bookkeeping, not the passes, is
+  the cost of a sweep; so problems (columns) whose every hook has converged leave the batch once they are half
+  of it, and the last slow problems iterate alone.
+* On small problems an iteration is dozens of element-wise passes over the ``[H, P, d + 1]`` state (each
+  memory-bound, tens of microseconds) besides its two products, so the standardisation is folded once into per-problem
+  factors (``1 / sigma``, ``mu / sigma``, times ``1 / sw``) and the gradient is written into its buffer in
+  place.
 * Accumulation is float32 (the kernel's), the L-BFGS state is float32; the stopping test (largest entry of
   the sample-averaged gradient <= ``tol``, as sklearn's lbfgs) uses gradients only.
 
