@@ -328,14 +328,14 @@ def fit_logistic(
         gw_scale, gw_shift = factors["gw_scale"], factors["gw_shift"]
         for lo, hi in _runs(hooks):
             if hi - lo == H:  # every hook (the usual case): no slicing
-                th, gg, ff, Xh, isc, ms, shift = theta, g, f, X, inv_scale, mos, gw_shift
+                th, gg, ff, Xh, isc, mu, shift = theta, g, f, X, inv_scale, mean, gw_shift
             else:
                 th, gg, ff, Xh = theta[lo:hi], g[lo:hi], f[lo:hi], X[lo:hi]
-                isc, ms, shift = (None if t is None else t[lo:hi] for t in (inv_scale, mos, gw_shift))
+                isc, mu, shift = (None if t is None else t[lo:hi] for t in (inv_scale, mean, gw_shift))
             w, b = th[..., :d], th[..., d]
             wp = w @ proj if proj is not None else w
             Wp = wp * isc if isc is not None else wp.contiguous()
-            bp = b - torch.linalg.vecdot(wp, ms) if ms is not None else b.contiguous()
+            bp = b - torch.linalg.vecdot(Wp, mu) if mu is not None else b.contiguous()  # Wp is contiguous
             loss, gW, gb = loss_grad(Xh, Wp, bp, Y, S)
             sc = gw_scale if gw_scale.shape[0] == 1 else gw_scale[lo:hi]
             gw = gg[..., :d]
@@ -419,12 +419,14 @@ def fit_logistic(
             slots = list(zip(S_hist, Y_hist, rho))
             Y, S, lam, inv_sw = Y[k], S[k], lam[k], inv_sw[:, k]
             inv_scale = None if inv_scale is None else inv_scale[:, k]
+            mean = None if mean is None else mean[:, k]
             mos = None if mos is None else mos[:, k]
             set_factors()
             if make_apply is not None:
                 group = group[k]
                 apply_w = make_apply(group)
-        step = (alpha * active)[..., None] * direction
+        a_step = alpha * active
+        step = a_step[..., None] * direction
         trial = theta + step
         hooks = active.any(dim=1).cpu()
         evaluate(trial, hooks, f_t, g_t)
@@ -468,7 +470,10 @@ def fit_logistic(
             a = []
             for i in order:
                 s_i, y_i, rho_i = slots[i]
-                ai = torch.linalg.vecdot(s_i, q).mul_(rho_i).unsqueeze_(-1)
+                if stored and not a:  # the pair just stored: s . g = a_step (direction . g_t), a dot known
+                    ai = (a_step * dphi_t).mul_(rho_i).unsqueeze_(-1)
+                else:
+                    ai = torch.linalg.vecdot(s_i, q).mul_(rho_i).unsqueeze_(-1)
                 q.addcmul_(ai, y_i, value=-1.0)
                 a.append(ai)
             if stored:  # H0 on q and, for gamma, on the new pairs' y: one product
