@@ -358,6 +358,58 @@ def test_solver_preconditioners_reach_the_same_optimum(Cs):
             assert cos(fits[0].coef[h, p], ref.coef_) > 0.999
 
 
+@pytest.mark.parametrize("project", [False, True])
+def test_solver_standardisation_weights_and_projection_reach_sklearns_optimum(project):
+    """The sweep's solver settings (memory 5, problems leaving the batch as they converge) with per-problem
+    standardisation (a constant feature included), sample weights, one-vs-rest columns and an INLP projection reach
+    scikit-learn's optimum: the same weights, and an objective no higher than scikit-learn's."""
+    from interp.probes.solver import column_stats, effective_weights, fit_logistic
+
+    g = torch.Generator().manual_seed(11)
+    H, N, d = 2, 150, 40
+    X = torch.randn(H, N, d, generator=g) * torch.logspace(-1, 0.5, d) + 2.0
+    X[:, :, 7] = 3.0  # constant: scale inf, weight 0
+    cls = (X[:, :, :3].sum(-1) * 4 + torch.randn(H, N, generator=g)).argsort(-1)[0] % 3  # 3 classes
+    Cs = [0.05, 0.05, 0.05, 10.0, 10.0, 10.0]  # one-vs-rest columns at two values of C: they converge apart
+    Y = torch.stack([(cls == k).float() for k in range(3)] * 2)  # [6, N]
+    S = (0.5 + torch.rand(N, generator=g))[None].expand(6, N).clone()  # sample weights
+    S[:, :15] = 0  # rows held out of every problem
+    mean, scale = column_stats(X, S, constant_scale=math.inf)
+    assert bool(torch.isinf(scale[..., 7]).all())
+    proj = None
+    if project:  # INLP's projection: two directions removed
+        B = torch.linalg.qr(torch.randn(d, 2, generator=g))[0]
+        proj = torch.eye(d) - B @ B.T
+    res = fit_logistic(X, Y, S, torch.tensor(Cs), mean=mean, scale=scale, proj=proj, tol=1e-7, max_iter=3000, memory=5)
+    assert bool(res.converged.all())
+    W, b = effective_weights(res.coef, res.intercept, mean, scale, proj)
+    rows = (S[0] > 0).numpy()
+    for h in range(H):
+        for p, c in enumerate(Cs):
+            Xs = ((X[h] - mean[h, p]) / scale[h, p]).double()
+            if proj is not None:
+                Xs = Xs @ proj.double()
+            ref = LogisticRegression(C=c, tol=1e-10, max_iter=20000).fit(
+                Xs.numpy()[rows], Y[p].numpy()[rows], sample_weight=S[p].numpy()[rows]
+            )
+            w = res.coef[h, p].double() @ (proj.double() if proj is not None else torch.eye(d, dtype=torch.float64))
+            assert cos(w, ref.coef_) > 0.9999
+            torch.testing.assert_close(w, torch.from_numpy(ref.coef_[0]), rtol=0, atol=2e-3 * float(w.abs().max()))
+
+            def objective(wv, bv):
+                z = torch.from_numpy(Xs.numpy()[rows]) @ wv + bv
+                yv, sv = Y[p].double()[rows], S[p].double()[rows]
+                return float((sv * torch.nn.functional.softplus(z) - sv * yv * z).sum() + wv @ wv / (2 * c))
+
+            ours = objective(w, float(res.intercept[h, p]))
+            theirs = objective(torch.from_numpy(ref.coef_[0]), float(ref.intercept_[0]))
+            assert ours <= theirs * (1 + 1e-6) + 1e-6
+            # raw-space weights score raw activations as the standardised ones do
+            raw = (X[h].double() @ W[h, p].double() + float(b[h, p]))[rows]
+            torch.testing.assert_close(raw, torch.from_numpy(Xs.numpy()[rows]) @ w + float(res.intercept[h, p]),
+                                       rtol=1e-4, atol=1e-3)
+
+
 def test_recall_at_fpr_is_undefined_below_100_negatives():
     y = torch.tensor([0] * 99 + [1] * 50)
     s = torch.cat([torch.zeros(99), torch.ones(50)])

@@ -90,10 +90,11 @@ def loss_grad_torch(
 ) -> tuple[Float[Tensor, "H P"], Float[Tensor, "H P d"], Float[Tensor, "H P"]]:
     """Plain-torch reference: logits, weighted logistic loss and its gradient, float32 accumulation."""
     Xf = X.float()
-    logits = torch.einsum("hnd,hpd->hpn", Xf, W) + b[..., None]
-    loss = (F.binary_cross_entropy_with_logits(logits, Y.expand_as(logits), reduction="none") * S).sum(-1)
+    logits = torch.baddbmm(b[..., None], W, Xf.transpose(1, 2))  # [H, P, N]
+    Yx, Sx = Y.expand_as(logits), S.expand_as(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, Yx, weight=Sx, reduction="none").sum(-1)
     r = (torch.sigmoid(logits) - Y) * S  # dloss/dlogit
-    gW = torch.einsum("hpn,hnd->hpd", r, Xf)
+    gW = torch.bmm(r, Xf)
     return loss, gW, r.sum(-1)
 
 

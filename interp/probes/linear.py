@@ -60,10 +60,11 @@ from interp.store import ActivationStore, atomic_write_json, layer_of
 PROBE_FORMAT = "interp.linear_probe"
 _PARAMS = ("C", "max_iter", "tol", "backend", "device", "standardize", "precondition")
 SWEEP_FORMAT = "interp.probe_sweep"
-# L-BFGS memory of sweeps: scipy's 10. With the preconditioner a sweep takes ~10-50 iterations; on small stores
-# the two-loop recursion over the pairs is a large part of each iteration's cost, and 10 pairs converged in as
-# few passes as 20 (bench/probes.py: 50 vs 53 passes on the small sweep, 13 vs 13 on the 20k-row one)
-SWEEP_MEMORY = 10
+# L-BFGS memory of sweeps (scipy's default is 10). With the preconditioner a sweep takes ~10-50 iterations; on
+# small stores the bookkeeping over the pairs (each one a read of a [hooks, problems, d] tensor per loop of the
+# recursion) is most of an iteration's cost: 5 pairs take a few more passes than 10 (bench/probes.py --small: 71
+# vs 69; the 20k-row sweep: 13 vs 13) and the small sweep 10-15% less time (bench/RESULTS.md, issue 17)
+SWEEP_MEMORY = 5
 FORMAT_VERSION = 1
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -35,17 +35,22 @@ Why L-BFGS, and this variant
   gradients only, which stay accurate in float32 when losses differ in their last digits). A rejected trial
   is shortened by secant interpolation of the directional derivative. Problems converge independently;
   hooks whose problems have all converged are no longer evaluated.
-* Memory ``m = 20`` pairs (sklearn/scipy use 10), kept in one ring of ``m`` slots shared by all problems and
-  written in place: a problem that stores no pair in a round gets a pair with ``rho = 0`` there, which the
-  two-loop recursion skips exactly (it only shortens that problem's memory). The recursion runs over the
-  slots written so far, and the initial matrix is applied once per iteration, to the recursion's vector and
-  the new pairs' ``y`` (for the scale ``gamma``) together; with several values of C laid out in contiguous
-  blocks (as ``train_probes`` does), that is one batched product. When the covariance estimate has fewer rows
-  than features (small stores), the initial matrices come from one eigendecomposition per hook (of the rows'
-  Gram matrix) for every value of C, and ``gamma`` needs only the new pairs' coordinates on its eigenvectors,
-  not a full product. On small problems (a few hundred rows) this
-  bookkeeping, not the passes, is the cost of a sweep; so problems (columns) whose every hook has converged
-  leave the batch once they are half of it, and the last slow problems iterate alone.
+* Memory ``m = 20`` pairs by default (sklearn/scipy use 10; sweeps use 5, ``SWEEP_MEMORY`` in
+  :mod:`interp.probes.linear`, where the bookkeeping costs more than the passes), kept in one ring of ``m``
+  slots shared by all problems and written in place: a problem that stores no pair in a round gets a pair with
+  ``rho = 0`` there, which the two-loop recursion skips exactly (it only shortens that problem's memory). The
+  recursion runs over the slots written so far, and the initial matrix is applied once per iteration, to the
+  recursion's vector and the new pairs' ``y`` (for the scale ``gamma``) together; with several values of C laid
+  out in contiguous blocks (as ``train_probes`` does), that is one batched product. When the covariance estimate
+  has fewer rows than features (small stores), the initial matrices come from one eigendecomposition per hook
+  (of the rows' Gram matrix) for every value of C, and ``gamma`` needs only the new pairs' coordinates on its
+  eigenvectors, not a full product. On small problems (a few hundred rows) this bookkeeping, not the passes, is
+  the cost of a sweep; so problems (columns) whose every hook has converged leave the batch once they are half
+  of it, and the last slow problems iterate alone.
+* On small problems an iteration is dozens of element-wise passes over the ``[H, P, d + 1]`` state (each
+  memory-bound, tens of microseconds) besides its two products, so the standardisation is folded once into per-problem
+  factors (``1 / sigma``, ``mu / sigma``, times ``1 / sw``) and the gradient is written into its buffer in
+  place.
 * Accumulation is float32 (the kernel's), the L-BFGS state is float32; the stopping test (largest entry of
   the sample-averaged gradient <= ``tol``, as sklearn's lbfgs) uses gradients only.
 
@@ -301,22 +306,47 @@ def fit_logistic(
         def apply_h0(q: Tensor) -> Tensor:
             return q
 
+    identity_h0 = precond is None and precond_rows is None
+    # the standardisation, folded into per-problem factors once: W' = (w Pm) / sigma, b' = b - (w Pm) . (mu / sigma),
+    # and back by the chain rule, with the averaging's 1 / sw: dF/dw = (gW / sigma - gb mu / sigma) Pm / sw + lam w
+    inv_scale = None if scale is None else 1.0 / scale  # an infinite scale (constant feature) gives weight 0
+    mos = None if mean is None else (mean if inv_scale is None else mean * inv_scale)
+    factors: dict[str, Tensor | None] = {}
+
+    def set_factors() -> None:
+        """The per-problem factors of :func:`evaluate` (again after columns leave the batch)."""
+        inv_sw3 = inv_sw[..., None]
+        factors["gw_scale"] = inv_sw3 if inv_scale is None else inv_scale * inv_sw3
+        factors["gw_shift"] = None if mos is None else mos * inv_sw3
+        factors["lam3"] = lam[None, :, None]
+        factors["half_lam"] = 0.5 * lam[None, :]
+
+    set_factors()
+
     def evaluate(theta: Tensor, hooks: Tensor, f: Tensor, g: Tensor) -> None:
         """Objective and gradient at ``theta`` for the hooks in ``hooks``; written into ``f``/``g`` in place."""
+        gw_scale, gw_shift = factors["gw_scale"], factors["gw_shift"]
         for lo, hi in _runs(hooks):
-            w, b = theta[lo:hi, :, :d], theta[lo:hi, :, d]
-            mu = None if mean is None else mean[lo:hi]
-            sg = None if scale is None else scale[lo:hi]
-            Wp, bp = effective_weights(w, b, mu, sg, proj)
-            loss, gW, gb = loss_grad(X[lo:hi], Wp.contiguous(), bp.contiguous(), Y, S)
-            gv = gW - gb[..., None] * mu if mu is not None else gW
-            if sg is not None:
-                gv = gv / sg
+            if hi - lo == H:  # every hook (the usual case): no slicing
+                th, gg, ff, Xh, isc, mu, shift = theta, g, f, X, inv_scale, mean, gw_shift
+            else:
+                th, gg, ff, Xh = theta[lo:hi], g[lo:hi], f[lo:hi], X[lo:hi]
+                isc, mu, shift = (None if t is None else t[lo:hi] for t in (inv_scale, mean, gw_shift))
+            w, b = th[..., :d], th[..., d]
+            wp = w @ proj if proj is not None else w
+            Wp = wp * isc if isc is not None else wp.contiguous()
+            bp = b - torch.linalg.vecdot(Wp, mu) if mu is not None else b.contiguous()  # Wp is contiguous
+            loss, gW, gb = loss_grad(Xh, Wp, bp, Y, S)
+            sc = gw_scale if gw_scale.shape[0] == 1 else gw_scale[lo:hi]
+            gw = gg[..., :d]
+            gv = torch.mul(gW, sc, out=gw) if proj is None else gW * sc
+            if shift is not None:
+                gv.addcmul_(gb.unsqueeze(-1), shift, value=-1.0)
             if proj is not None:
-                gv = gv @ proj
-            f[lo:hi] = loss * inv_sw + 0.5 * lam * (w * w).sum(-1)
-            g[lo:hi, :, :d] = gv * inv_sw[..., None] + lam[None, :, None] * w
-            g[lo:hi, :, d] = gb * inv_sw
+                gw.copy_(gv @ proj)
+            gw.addcmul_(factors["lam3"], w)
+            torch.mul(gb, inv_sw, out=gg[..., d])
+            torch.addcmul(loss.mul_(inv_sw), factors["half_lam"], torch.linalg.vecdot(w, w), out=ff)
 
     theta = torch.zeros(H, P, D, device=dev, dtype=f32)
     f = torch.zeros(H, P, device=dev, dtype=f32)
@@ -332,14 +362,14 @@ def fit_logistic(
     S_hist = torch.zeros(memory, H, P, D, device=dev, dtype=f32)
     Y_hist = torch.zeros_like(S_hist)
     rho = torch.zeros(memory, H, P, device=dev, dtype=f32)
+    slots = list(zip(S_hist, Y_hist, rho))  # per-slot views, so that the recursion indexes no tensor
     slot, filled = 0, 0  # next slot to write, slots written so far (at most memory)
     gamma = torch.ones(H, P, device=dev, dtype=f32)  # scale of the initial matrix: s.y / y.H0 y of the last pair
     has_hist = torch.zeros(H, P, dtype=torch.bool, device=dev)
     gnorm = g.norm(dim=-1).clamp_min(1e-12)
     direction = -apply_h0(g)
-    preconditioned = precond is not None or precond_rows is not None
-    alpha = torch.ones_like(gnorm) if preconditioned else (1.0 / gnorm).clamp(max=1.0)
-    dphi0 = (g * direction).sum(-1)
+    alpha = torch.ones_like(gnorm) if not identity_h0 else (1.0 / gnorm).clamp(max=1.0)
+    dphi0 = torch.linalg.vecdot(g, direction)
     fails = torch.zeros(H, P, dtype=torch.int64, device=dev)
     stalled = torch.zeros(H, P, dtype=torch.bool, device=dev)
     f_t = f.clone()
@@ -347,10 +377,14 @@ def fit_logistic(
 
     def forget(which: Tensor) -> None:
         """Drop the quasi-Newton memory of the problems in ``which``."""
-        nonlocal rho, gamma, has_hist
-        rho = rho * (~which)[None]
+        nonlocal gamma, has_hist
+        rho.mul_(~which)
         gamma = torch.where(which, torch.ones_like(gamma), gamma)
         has_hist = has_hist & ~which
+
+    def first_alpha() -> Tensor:
+        """Step length of a step from the initial matrix alone: 1 preconditioned, else ``1 / |g|``."""
+        return torch.ones_like(alpha) if not identity_h0 else 1.0 / g.norm(dim=-1).clamp_min(1e-12)
 
     bar = None
     if progress:
@@ -382,36 +416,43 @@ def fit_logistic(
                                   dphi0, fails, stalled)
             )
             S_hist, Y_hist, rho = S_hist[:, :, k], Y_hist[:, :, k], rho[:, :, k]
+            slots = list(zip(S_hist, Y_hist, rho))
             Y, S, lam, inv_sw = Y[k], S[k], lam[k], inv_sw[:, k]
+            inv_scale = None if inv_scale is None else inv_scale[:, k]
             mean = None if mean is None else mean[:, k]
-            scale = None if scale is None else scale[:, k]
+            mos = None if mos is None else mos[:, k]
+            set_factors()
             if make_apply is not None:
                 group = group[k]
                 apply_w = make_apply(group)
-        step = torch.where(active, alpha, torch.zeros_like(alpha))[..., None] * direction
+        a_step = alpha * active
+        step = a_step[..., None] * direction
         trial = theta + step
         hooks = active.any(dim=1).cpu()
         evaluate(trial, hooks, f_t, g_t)
         n_passes += 1
-        dphi_t = (g_t * direction).sum(-1)
-        armijo = f_t <= f + 1e-4 * alpha * dphi0
+        dphi_t = torch.linalg.vecdot(g_t, direction)
+        armijo = f_t <= torch.addcmul(f, alpha, dphi0, value=1e-4)
         accept = active & (armijo | (dphi_t <= 0))
         reject = active & ~accept
+        n_accept = int(accept.sum())
 
-        if bool(accept.any()):
+        if n_accept:
+            every = n_accept == accept.numel()
             s = step
             yv = g_t - g
-            sy = (s * yv).sum(-1)
-            good = accept & (sy > 1e-10 * s.norm(dim=-1) * yv.norm(dim=-1)) & (sy > 0)
+            sy = torch.linalg.vecdot(s, yv)
+            yy = torch.linalg.vecdot(yv, yv)
+            good = accept & (sy > 1e-10 * (torch.linalg.vecdot(s, s) * yy).sqrt()) & (sy > 0)
             stored = bool(good.any())
             if stored:
                 gm = good[..., None]
-                S_hist[slot] = s * gm
-                Y_hist[slot] = yv * gm
-                rho[slot] = torch.where(good, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
+                torch.mul(s, gm, out=S_hist[slot])
+                torch.mul(yv, gm, out=Y_hist[slot])
+                torch.div(good, sy.clamp_min(1e-30), out=rho[slot])
                 slot, filled = (slot + 1) % memory, min(filled + 1, memory)
             am = accept[..., None]
-            if bool(accept.all()):  # the usual case: take the trial state, swap the buffers evaluate writes into
+            if every:  # the usual case: take the trial state, swap the buffers evaluate writes into
                 theta, f, g, f_t, g_t = trial, f_t, g_t, f, g
                 fails.zero_()
                 gmax = g.abs().amax(-1)
@@ -421,37 +462,47 @@ def fit_logistic(
                 g = torch.where(am, g_t, g)
                 fails = torch.where(accept, torch.zeros_like(fails), fails)
                 gmax = torch.where(accept, g.abs().amax(-1), gmax)
-            n_iter += accept.long()
+            n_iter += accept
             active = active & ~(accept & (gmax <= tol)) & (n_iter < max_iter)
             # new quasi-Newton direction: two-loop recursion over the written slots, newest first
             order = [(slot - 1 - i) % memory for i in range(filled)]
             q = g.clone()
             a = []
             for i in order:
-                ai = rho[i] * torch.linalg.vecdot(S_hist[i], q)
-                q.addcmul_(ai[..., None], Y_hist[i], value=-1.0)
+                s_i, y_i, rho_i = slots[i]
+                if stored and not a:  # the pair just stored: s . g = a_step (direction . g_t), a dot known
+                    ai = (a_step * dphi_t).mul_(rho_i).unsqueeze_(-1)
+                else:
+                    ai = torch.linalg.vecdot(s_i, q).mul_(rho_i).unsqueeze_(-1)
+                q.addcmul_(ai, y_i, value=-1.0)
                 a.append(ai)
             if stored:  # H0 on q and, for gamma, on the new pairs' y: one product
-                yy, Hq = curvature_pair(yv, q)
-                gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
+                yHy, r = (yy, q) if identity_h0 else curvature_pair(yv, q)
+                gamma = torch.where(good, sy / yHy.clamp_min(1e-30), gamma)
                 has_hist = has_hist | good
             else:
-                Hq = apply_h0(q)
-            r = gamma[..., None] * Hq
+                r = apply_h0(q)
+            r.mul_(gamma[..., None])
             for i, ai in zip(reversed(order), reversed(a)):
-                beta = rho[i] * torch.linalg.vecdot(Y_hist[i], r)
-                r.addcmul_((ai - beta)[..., None], S_hist[i])
-            new_dir = -r
-            new_dphi = (g * new_dir).sum(-1)
+                s_i, y_i, rho_i = slots[i]
+                beta = torch.linalg.vecdot(y_i, r).mul_(rho_i).unsqueeze_(-1)
+                r.addcmul_(ai.sub_(beta), s_i)
+            new_dir = r.neg_()
+            new_dphi = torch.linalg.vecdot(g, new_dir)
             bad = new_dphi >= 0  # not a descent direction (numerical trouble): restart from the initial matrix
-            if bool((accept & bad).any()):
+            fixed = bool((accept & bad).any())
+            if fixed:
                 new_dir = torch.where(bad[..., None], -apply_h0(g), new_dir)
                 forget(accept & bad)
-            first = torch.ones_like(alpha) if preconditioned else 1.0 / g.norm(dim=-1).clamp_min(1e-12)
-            new_alpha = torch.where(has_hist & ~bad, torch.ones_like(alpha), first)
-            direction = torch.where(am, new_dir, direction)
-            alpha = torch.where(accept, new_alpha, alpha)
-            dphi0 = torch.where(accept, (g * direction).sum(-1), dphi0)
+                new_dphi = torch.linalg.vecdot(g, new_dir)
+            restarted = ~has_hist | bad
+            new_alpha = torch.where(restarted, first_alpha(), 1.0) if bool(restarted.any()) else torch.ones_like(alpha)
+            if every:
+                direction, alpha, dphi0 = new_dir, new_alpha, new_dphi
+            else:
+                direction = torch.where(am, new_dir, direction)
+                alpha = torch.where(accept, new_alpha, alpha)
+                dphi0 = torch.where(accept, new_dphi, dphi0)
 
         if bool(reject.any()):
             # secant on the directional derivative: the minimiser of the quadratic through phi'(0) and phi'(a)
@@ -528,8 +579,8 @@ def column_stats(
 def shifted_moments(X: Float[Tensor, "H n d"], S: Float[Tensor, "P n"], shift: Tensor, s1: Tensor, s2: Tensor) -> None:
     """Add the weighted sums of ``x - shift`` and ``(x - shift)^2`` over the rows of ``X`` into ``s1``/``s2``."""
     xc = X.float() - shift
-    s1 += torch.einsum("pn,hnd->hpd", S, xc)
-    s2 += torch.einsum("pn,hnd->hpd", S, xc * xc)
+    s1 += torch.matmul(S, xc)  # S broadcast over the hooks: one batched product (einsum took 4x as long)
+    s2 += torch.matmul(S, xc.square_())
 
 
 def stats_from_moments(
