@@ -92,8 +92,8 @@ def interrupted_store(model, out: Path) -> None:
     real = writer_mod.StoreWriter._commit
     calls = [0]
 
-    def commit(self):
-        real(self)
+    def commit(self, *args, **kwargs):
+        real(self, *args, **kwargs)
         calls[0] += 1
         if calls[0] == 2:
             raise KeyboardInterrupt

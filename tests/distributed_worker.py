@@ -21,9 +21,9 @@ log = os.environ.get("INTERP_TEST_LOG")
 done = [0]
 
 
-def commit(self: StoreWriter) -> None:
+def commit(self: StoreWriter, *args, **kwargs) -> None:
     first = self.example_offset + int(self.manifest["n_examples"])
-    _commit(self)
+    _commit(self, *args, **kwargs)
     done[0] += 1
     if log:
         with open(log, "a") as f:

@@ -164,8 +164,8 @@ def test_resume_after_a_text_changed_is_refused(gpt2, tmp_path, monkeypatch):
     calls = [0]
     real = writer_mod.StoreWriter._commit
 
-    def commit_then_die(self):
-        real(self)
+    def commit_then_die(self, *args, **kwargs):
+        real(self, *args, **kwargs)
         calls[0] += 1
         if calls[0] == 2:
             raise KeyboardInterrupt  # the user pressed Ctrl-C after two shards
