@@ -41,6 +41,9 @@ from interp.store import (
 )
 
 POOLS = ("all", "last", "mean")
+# while the last batch's forward runs, a buffer at least this large is committed as a shard, so that what is
+# left to write after the last forward is one batch's rows, not a whole shard (its write, sha256 and fsync)
+EARLY_FLUSH_BYTES = 8 * 2**20
 
 
 def parse_positions(positions: str) -> tuple[str, str | None]:
@@ -179,7 +182,8 @@ def capture(
             return tokenize(model, [e.text for e in batch], max_length)
 
         # the next batch is tokenised, and the last one written (rows selected, shards hashed and committed), in
-        # worker threads while this batch's forward runs; one write in flight at most, its error raised here
+        # worker threads while this batch's forward runs; one write in flight at most, its error raised here. The
+        # write that overlaps the last forward also commits what is buffered (EARLY_FLUSH_BYTES)
         with torch.inference_mode(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="capture") as ex:
             upcoming = ex.submit(tok, batches[0]) if batches else None
             writing = None
@@ -191,7 +195,8 @@ def capture(
                 cache = run_hooks(model, toks, hook_names, fast=fast)
                 if writing is not None:
                     writing.result()
-                writing = ex.submit(_add_batch, writer, batch, toks, cache, hook_names, pool, region, has_token_labels)
+                writing = ex.submit(_add_batch, writer, batch, toks, cache, hook_names, pool, region, has_token_labels,
+                                    i + 2 == len(batches))
                 bar.update(len(batch))
             if writing is not None:
                 writing.result()
@@ -386,7 +391,10 @@ def _add_batch(
     pool: str,
     region: str | None,
     has_token_labels: bool,
+    flush: bool = False,
 ) -> None:
+    """Select a batch's rows for the position policy and hand them to the writer; ``flush``: then commit the
+    buffer as a shard if it holds at least :data:`EARLY_FLUSH_BYTES`."""
     mask = toks.attention_mask.bool().cpu()
     if region is not None:
         mask = torch.zeros_like(mask)
@@ -408,3 +416,5 @@ def _add_batch(
                 labels[i, : len(tl)] = torch.tensor(tl, dtype=torch.int8)
         token_label = labels[b, pos]
     writer.add_batch([ex.to_record() for ex in batch], acts, counts, pos, token_id, token_label)
+    if flush and writer.buffered_bytes >= EARLY_FLUSH_BYTES:
+        writer.flush()

@@ -56,6 +56,25 @@ def test_stored_activations_equal_run_with_cache(request, tmp_path, model_name):
     assert torch.equal(store.activations("blocks.0.hook_resid_post"), store.activations("blocks.0.hook_out"))
 
 
+def test_buffer_committed_during_the_last_forward(gpt2, tmp_path, monkeypatch):
+    """A buffer of EARLY_FLUSH_BYTES or more is committed while the last batch runs (the commit after the last
+    forward is that batch alone); the rows are the same as one shard's."""
+    import importlib
+
+    cap = importlib.import_module("interp.capture")
+    texts = TEXTS * 3  # 15 examples, 4 batches of 4
+    one = capture(gpt2, texts, "resid_post", "all", tmp_path / "one", batch_size=4, dtype="float32", progress=False)
+    assert [s["examples"] for s in one.manifest["shards"]] == [[0, 15]]  # below the threshold: one shard
+    monkeypatch.setattr(cap, "EARLY_FLUSH_BYTES", 1)
+    two = capture(gpt2, texts, "resid_post", "all", tmp_path / "two", batch_size=4, dtype="float32", progress=False)
+    assert [s["examples"] for s in two.manifest["shards"]] == [[0, 12], [12, 15]]
+    assert two.manifest["complete"] and two.verify().ok
+    for h in one.hooks:
+        assert torch.equal(one.activations(h), two.activations(h))
+    assert torch.equal(one.example_ids(), two.example_ids())
+    assert (tmp_path / "one" / "examples.jsonl").read_bytes() == (tmp_path / "two" / "examples.jsonl").read_bytes()
+
+
 def test_layers_and_alias_hooks_store_canonical_names(minilm, tmp_path):
     s = capture(minilm, TEXTS[:2], "resid_post", "mean", tmp_path / "l", layers=[1, -1], progress=False)
     assert s.hooks == ["blocks.1.hook_out", "blocks.5.hook_out"]

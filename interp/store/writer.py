@@ -205,6 +205,11 @@ class StoreWriter:
         """Index of the first example not yet committed (examples are numbered from 0 in dataset order)."""
         return int(self.manifest["n_examples"]) + len(self._buf_examples)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Activation bytes buffered for the next shard (not yet committed)."""
+        return self._buf_bytes
+
     # ---- writing
     def add_example(
         self,
