@@ -125,7 +125,6 @@ def bench_capture(args) -> dict:
     def run_capture(texts: list[str], fast: bool):
         capture(model, texts, "resid_post", "all", tmp / "store", batch_size=args.batch, dtype="float16",
                 progress=False, fast=fast, shard_mb=args.shard_mb)
-        shutil.rmtree(tmp / "store")
 
     sides = {
         "bare HF forward": lambda t: hf_loop(hf, tok, t, args.batch, False),
@@ -133,10 +132,15 @@ def bench_capture(args) -> dict:
         "interp capture": lambda t: run_capture(t, True),
         "interp capture, bridge (fast=False)": lambda t: run_capture(t, False),
     }
+    def remove_store():
+        shutil.rmtree(tmp / "store", ignore_errors=True)
+
     for f in sides.values():
         f(data[:64])
+        remove_store()
     tokens = hf_loop(hf, tok, data, args.batch, False)
-    wall, cpu = timed({k: [(lambda f=f, t=t: f(t)) for t in parts] for k, f in sides.items()}, args.repeats)
+    wall, cpu = timed({k: [(lambda f=f, t=t: f(t)) for t in parts] for k, f in sides.items()}, args.repeats,
+                      after=remove_store)
     base = "bare HF forward"
     ratios, cpu_ratios = paired(wall, base), paired(cpu, base)
     res = {"examples": len(data), "tokens": tokens, "chunks": len(parts), "runs": wall, "cpu_runs": cpu,
@@ -173,10 +177,11 @@ def run_nnsight(args, path: str, data: list[str], tmp: Path) -> dict | None:
     return {"runs": t, "ratios": paired(t, "bare")}
 
 
-def timed(sides: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def timed(sides: dict, repeats: int, after=lambda: None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall and CPU (this process, all threads) seconds of each side's calls. A side is one call or a list of
     calls (one per slice of the work); each repeat runs every slice on every side back to back, the order of the
-    sides rotating from slice to slice so that drift hits every side alike. Returns one time per (repeat, slice)."""
+    sides rotating from slice to slice so that drift hits every side alike; ``after`` runs untimed after every call
+    (removing a store). Returns one time per (repeat, slice)."""
     names = list(sides)
     calls = {k: v if isinstance(v, list) else [v] for k, v in sides.items()}
     wall: dict[str, list[float]] = {k: [] for k in names}
@@ -189,6 +194,7 @@ def timed(sides: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, 
                 calls[k][c]()
                 wall[k].append(time.perf_counter() - t0)
                 cpu[k].append(time.process_time() - c0)
+                after()
             turn += 1
     return wall, cpu
 
