@@ -6,7 +6,6 @@ import hashlib
 import json
 import re
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 

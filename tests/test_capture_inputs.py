@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 

@@ -93,7 +93,6 @@ def test_json_on_probe_inlp_and_sae_train(tmp_path):
     import torch
 
     from interp import ActivationStore
-    from interp.cli import main
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(200) % 2

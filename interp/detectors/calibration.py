@@ -7,8 +7,7 @@ import datetime as _dt
 import json
 import math
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import field
 from pathlib import Path
 from typing import Any
 
