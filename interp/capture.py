@@ -195,8 +195,9 @@ def capture(
                 cache = run_hooks(model, toks, hook_names, fast=fast)
                 if writing is not None:
                     writing.result()
+                # only where the dataset ends: a distributed rank's slice of whole shards must stay whole shards
                 writing = ex.submit(_add_batch, writer, batch, toks, cache, hook_names, pool, region, has_token_labels,
-                                    i + 2 == len(batches))
+                                    i + 2 == len(batches) and stop == len(data))
                 bar.update(len(batch))
             if writing is not None:
                 writing.result()

@@ -3,9 +3,11 @@ runs the ``interp`` command in each rank, after two optional test hooks read fro
 
 - ``INTERP_TEST_KILL=RANK:N``: that rank SIGKILLs itself right after committing its N-th shard (a crash mid-capture,
   at a deterministic point);
-- ``INTERP_TEST_LOG=PATH``: every rank appends ``RANK FIRST_EXAMPLE`` to PATH for each shard it commits.
+- ``INTERP_TEST_LOG=PATH``: every rank appends ``RANK FIRST_EXAMPLE`` to PATH for each shard it commits;
+- ``INTERP_TEST_EARLY_FLUSH=BYTES``: capture's ``EARLY_FLUSH_BYTES`` (commit the buffer during the last forward).
 """
 
+import importlib
 import os
 import signal
 import sys
@@ -33,4 +35,6 @@ def commit(self: StoreWriter, *args, **kwargs) -> None:
 
 
 StoreWriter._commit = commit
+if "INTERP_TEST_EARLY_FLUSH" in os.environ:
+    importlib.import_module("interp.capture").EARLY_FLUSH_BYTES = int(os.environ["INTERP_TEST_EARLY_FLUSH"])
 sys.exit(main(sys.argv[1:]))

@@ -4,6 +4,7 @@ and a rank killed mid-capture resumes from its last committed shard when the job
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -103,6 +104,21 @@ def test_three_ranks_write_the_store_one_process_writes(data, tmp_path):
     assert len(ActivationStore(one).manifest["shards"]) == 12
     assert fingerprint(out) == fingerprint(one)  # every shard's sha256, examples.jsonl, manifest but its times
     assert ActivationStore(out).verify().ok
+
+
+def test_early_commit_only_where_the_dataset_ends(data, tmp_path, monkeypatch):
+    """The buffer committed during the last forward (capture.EARLY_FLUSH_BYTES) is the dataset's last batch but one,
+    on the last rank only: the ranks' slices of whole shards still give the single process's shards."""
+    args = ["--positions", "mean", "--batch-size", "2", "--shard-mb", "0.002"]
+    out = tmp_path / "three"
+    r = torchrun(3, ["--dataset", str(data), "--out", str(out), *ARGS, *args], tmp_path, worker=True,
+                 INTERP_TEST_EARLY_FLUSH="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setattr(importlib.import_module("interp.capture"), "EARLY_FLUSH_BYTES", 1)
+    one = _capture_one(data, tmp_path / "one", "mean", 2, 0.002)
+    shards = ActivationStore(one).manifest["shards"]
+    assert [s["examples"] for s in shards[-2:]] == [[N - 4, N - 2], [N - 2, N]]  # the early commit split the last
+    assert fingerprint(out) == fingerprint(one)
 
 
 def test_killed_rank_resumes_from_its_last_shard(data, reference, tmp_path):
