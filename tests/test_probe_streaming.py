@@ -15,7 +15,8 @@ import torch
 
 from interp.errors import ConfigError
 from interp.probes import load, train_probes
-from interp.probes.streaming import _spans, rank_slice
+from interp.distributed import split_range
+from interp.probes.streaming import _spans
 from interp.store import ActivationStore
 
 TOL = 1e-6  # solver tolerance of these sweeps (gradient of the sample-averaged objective)
@@ -83,7 +84,7 @@ def test_spans_and_slices():
     rows = torch.tensor([0, 1, 2, 10, 11, 30, 31, 32, 33])
     assert _spans(rows, 4) == [(0, 3), (3, 5), (5, 9)]
     assert _spans(rows, 1) == [(i, i + 1) for i in range(9)]
-    parts = [rank_slice(10, r, 3) for r in range(3)]
+    parts = split_range(0, 10, 1, 3)  # each rank's rows
     assert parts == [(0, 3), (3, 6), (6, 10)]
 
 

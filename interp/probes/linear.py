@@ -32,7 +32,7 @@ from interp.artifacts import load_json as _load_json
 from interp.artifacts import load_tensors as _load_tensors
 from interp.artifacts import save_tensors as _save_tensors
 from interp.devices import resolve_device
-from interp.distributed import rank_world
+from interp.distributed import local_device, rank_world
 from interp.errors import AnalysisError, ConfigError, InterpError
 from interp.probes.estimator import EstimatorProtocol, ProbeInputError, validate_sample_weight
 from interp.probes.kernel import get_loss_grad
@@ -54,7 +54,8 @@ from interp.probes.solver import (
     linear_scores,
     precondition_worthwhile,
 )
-from interp.probes.streaming import StoreRows, check_budget, chunk_rows, rank_slice
+from interp.distributed import split_range
+from interp.probes.streaming import StoreRows, check_budget, chunk_rows
 from interp.store import ActivationStore, atomic_write_json, layer_of
 
 PROBE_FORMAT = "interp.linear_probe"
@@ -657,7 +658,7 @@ def train_probes(
     held-out accuracy (ties: AUROC, then the earlier hook).
 
     The selected hooks' rows are held in memory (in the store dtype) on ``device`` (default: CUDA when
-    available) when they fit ``max_memory_mb`` (MiB; None: no limit); otherwise they are streamed from the store
+    available; under torchrun, each rank's ``cuda:LOCAL_RANK``) when they fit ``max_memory_mb`` (MiB; None: no limit); otherwise they are streamed from the store
     in chunks, every L-BFGS evaluation one pass over it: the same full-batch optimum, a pass costing a read of
     the store. Under ``torch.distributed`` (a process group already initialised, e.g. by torchrun) each rank
     holds or streams a slice of the rows and the sums are all-reduced: every rank returns the same sweep as one
@@ -709,9 +710,9 @@ def train_probes(
     N = lab_rows.numel()
     all_rows = lab_rows if not (N == len(store) and bool((lab_rows == torch.arange(N)).all())) else None
 
-    dev = resolve_device(device)
     H = len(hook_names)
     rank, world = rank_world()
+    dev = resolve_device(device, local_device() if world > 1 else None)  # torchrun: each rank on its own GPU
     progress = progress and rank == 0
     itemsize = torch.empty(0, dtype=store.dtype).element_size()
     streamed = world > 1 or (budget is not None and H * N * store.d_model * itemsize > budget)
@@ -744,15 +745,23 @@ def train_probes(
     # standardisation statistics per training-row mask (shared by its class columns), plus one over every row
     # so that a NaN/inf anywhere is caught without a separate pass
     stat_w = torch.stack([m.float() for m in masks] + [torch.ones(N)]).to(dev)
+    if precondition == "auto" and int(in_fit.sum()) < store.d_model:
+        # fewer training rows than features: a pass is cheap, and the preconditioner (an eigendecomposition
+        # per hook, two more products per iteration) costs more than the passes it saves (bench/probes.py
+        # --small: 50 passes with it, 69 without, a quarter less time without; also at tol 1e-6)
+        precondition = False
     if streamed:
-        lo, hi = rank_slice(N, rank, world)
+        lo, hi = split_range(0, N, 1, world)[rank]
         X = StoreRows(store, hook_names, lab_rows, lo, hi, dev, chunk_rows(budget, H, store.d_model, itemsize, P),
                       hold=budget is None or H * (hi - lo) * store.d_model * itemsize <= budget,
                       base_loss_grad=get_loss_grad(backend, dev), distributed=world > 1)
         mean_m, scale_m = X.column_stats(stat_w, constant_scale=math.inf)
         Y, S = Y[:, lo:hi], S[:, lo:hi]
         cov_rows = covariance_rows(masks[-1].float(), 4096)
-        cov_X, cov_w = X.read(lab_rows[cov_rows]), torch.ones(cov_rows.numel())
+        cov_w = torch.ones(cov_rows.numel())
+        # the covariance rows are read (row by row, not the spans around them) only when they will be used
+        wanted = use_preconditioner(precondition, H, store.d_model, cov_rows.numel(), len(Cs), dev)
+        cov_X = _load_hooks(store, hook_names, lab_rows[cov_rows], dev, False) if wanted else None
         solve = {"loss_grad": X.loss_grad, "reduce": X.reduce}
     else:
         X = _load_hooks(store, hook_names, all_rows, dev, progress)
@@ -762,12 +771,7 @@ def train_probes(
     mean_m, scale_m = mean_m[:, :-1], scale_m[:, :-1]
     sel = torch.arange(P) // cols % n_masks
     mean, scale = mean_m[:, sel], scale_m[:, sel]
-    if precondition == "auto" and int(in_fit.sum()) < store.d_model:
-        # fewer training rows than features: a pass is cheap, and the preconditioner (an eigendecomposition
-        # per hook, two more products per iteration) costs more than the passes it saves (bench/probes.py
-        # --small: 50 passes with it, 69 without, a quarter less time without; also at tol 1e-6)
-        precondition = False
-    pre = preconditioner(precondition, cov_X, cov_w, mean_m[:, -1], scale_m[:, -1], len(Cs))
+    pre = {} if cov_X is None else preconditioner(precondition, cov_X, cov_w, mean_m[:, -1], scale_m[:, -1], len(Cs))
     del cov_X
     res = fit_logistic(
         X, Y, S, Cvec, mean=mean, scale=scale, **pre, max_iter=max_iter, tol=tol, backend=backend,

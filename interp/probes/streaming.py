@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp.distributed import rank_world
+from interp.distributed import rank_world, split_range
 from interp.errors import ConfigError
 from interp.probes.solver import linear_scores, shifted_moments, stats_from_moments
 from interp.store import ActivationStore
@@ -66,11 +66,6 @@ def all_reduce_sum(*tensors: Tensor) -> list[Tensor]:
     return out
 
 
-def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    """The contiguous block ``[lo, hi)`` of ``n`` rows that rank ``rank`` of ``world`` handles."""
-    return n * rank // world, n * (rank + 1) // world
-
-
 def chunk_rows(budget: float | None, H: int, d: int, itemsize: int, P: int) -> int:
     """Rows per chunk so that a chunk (store dtype, its float32 copy, the logits of ``P`` probes and their
     temporaries) takes at most half of ``budget`` bytes."""
@@ -97,7 +92,7 @@ class StoreRows:
     """``[H, n, d]`` activations of ``hooks`` at this rank's rows of a row selection, read chunk by chunk.
 
     ``rows`` are all ``N`` selected store rows (ascending); this rank handles positions ``[lo, hi)`` of them
-    (:func:`rank_slice`). With ``hold``, that slice is read once and kept; otherwise each pass reads it again in
+    (:func:`interp.distributed.split_range`). With ``hold``, that slice is read once and kept; otherwise each pass reads it again in
     chunks covering at most ``span`` store rows, with plain file reads (no memory maps). It stands in for the
     activation tensor in :func:`interp.probes.solver.fit_logistic` (``shape``, ``device``, ``dim()``, hook
     slicing), with :meth:`loss_grad` as the solver's ``loss_grad``.
@@ -208,7 +203,7 @@ class StoreRows:
 
         rank, world = rank_world()
         n = self.rows.numel()
-        sizes = [rank_slice(n, r, world)[1] - rank_slice(n, r, world)[0] for r in range(world)]
+        sizes = [b - a for a, b in split_range(0, n, 1, world)]
         pad = _collective_tensor(torch.zeros(*local.shape[:2], max(sizes), device=W.device))
         pad[..., : local.shape[-1]] = local.to(pad.device)
         bufs = [torch.empty_like(pad) for _ in range(world)]
