@@ -29,6 +29,7 @@ from torch import Tensor
 
 from interp.artifacts import jsonable, load_json, load_tensors, save_tensors
 from interp.errors import AnalysisError, ConfigError
+from interp.stats import wilson_interval
 from interp.store import ActivationStore, atomic_write_json, layer_of
 
 TUNED_FORMAT = "interp.tuned_lens"
@@ -371,15 +372,6 @@ def _top1(head: Head, h: Tensor, batch: int = 1024) -> Tensor:
     return torch.cat([head(h[i : i + batch]).argmax(-1).cpu() for i in range(0, h.shape[0], batch)])
 
 
-def _wilson(hits: int, n: int) -> tuple[float, float]:
-    if n == 0:
-        return float("nan"), float("nan")
-    p, z = hits / n, 1.959964
-    den = 1 + z * z / n
-    mid, half = (p + z * z / (2 * n)) / den, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return mid - half, mid + half
-
-
 @torch.no_grad()
 def linear_shortcut(
     store: ActivationStore | str | os.PathLike, model, layers: Sequence[int] | None = None, *,
@@ -406,7 +398,7 @@ def linear_shortcut(
         Ws.append(W), bs.append(b)
         hit = int((_top1(head, X_te.float() @ W + b) == truth).sum())
         lens_hit = int((_top1(head, X_te) == truth).sum())
-        lo, hi = _wilson(hit, truth.numel())
+        lo, hi = wilson_interval(hit / max(1, truth.numel()), truth.numel())
         rows.append({"layer": x, "precision_at_1": hit / max(1, truth.numel()), "ci_low": lo, "ci_high": hi,
                      "logit_lens_precision_at_1": lens_hit / max(1, truth.numel()), "n": int(truth.numel())})
     return LinearMaps(use, torch.stack(Ws), torch.stack(bs), rows, "shortcut")
@@ -453,7 +445,7 @@ def future_lens(
             W, b = least_squares(X[tr], Y_all[tr + N - 1], ridge)
             pred = _top1(head, X[te].float() @ W + b)
             hit = int((pred == tok[te + N]).sum())
-            lo, hi = _wilson(hit, te.numel())
+            lo, hi = wilson_interval(hit / max(1, te.numel()), te.numel())
             rows.append({"layer": x, "offset": N, "accuracy": hit / te.numel(), "ci_low": lo, "ci_high": hi,
                          "agreement_with_model": float((pred == model_pred).float().mean()), "n": int(te.numel())})
             Ws.append(W), bs.append(b), layer_list.append(x)

@@ -15,21 +15,12 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from interp.stats import Z95, wilson_interval  # noqa: F401  (plots.wilson_interval: public here too)
+
 PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#eeca3b", "#9d755d"]
-Z95 = 1.959963984540054
 LEGEND_TOP = dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom")
 
 # ---------------------------------------------------------------------------------------------- uncertainty
-
-
-def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (95% by default) of a proportion ``p`` observed over ``n`` trials; NaNs without data."""
-    if n is None or n <= 0 or p is None or not math.isfinite(p):
-        return float("nan"), float("nan")
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def auroc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[float, float]:

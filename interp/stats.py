@@ -1,4 +1,4 @@
-"""Uncertainty of classifier metrics: DeLong's confidence interval for the AUROC (numpy only)."""
+"""Uncertainty of classifier metrics: Wilson intervals for proportions, DeLong's for the AUROC (numpy only)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,18 @@ import math
 from typing import Any
 
 import numpy as np
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a proportion ``p`` observed over ``n`` trials; NaNs without data."""
+    if n is None or n <= 0 or p is None or not math.isfinite(p):
+        return float("nan"), float("nan")
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def delong_placements(scores: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -57,32 +57,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def store_model(store) -> str:
-    """What to load for a store's model: the bundled alias for SmolLM2, else the recorded path or name."""
+    """What to load for a store's model: the name it was loaded by (``load_model`` resolves bundled names, local
+    directories and GGUF files from it), else its recorded path."""
     from interp.errors import ConfigError
 
     info = store.model_info
-    if info.get("name") == "SmolLM2-135M-Instruct" and info.get("gguf"):
-        return "smollm2"
-    where = info.get("path") or info.get("name")
+    where = info.get("name") or info.get("path")  # the name load_model was given: an alias, a path, a GGUF file
     if not where:
         raise ConfigError(f"store {store.path} does not name its model; pass --model")
     return str(where)
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    from interp.errors import ConfigError
-
-    if not text:
-        return None
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--layers {text!r}: give comma-separated layer indices such as 10,20") from None
-
-
 def run_train(args: argparse.Namespace) -> int:
     from interp.artifacts import jsonable
     from interp.lenses import lens_kl, train_tuned_lens
+    from interp.cli.capture import parse_layers
     from interp.model import load_model
     from interp.plots import lens_kl_figure
     from interp.reports import write_html
@@ -90,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     store = ActivationStore(args.store)
     model = load_model(args.model or store_model(store), device=args.device, progress=not args.quiet)
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers or None)
     lens = train_tuned_lens(store, model, layers, steps=args.steps, batch_size=args.batch_size,
                             optimizer=args.optimizer, lr=args.lr, init=args.init,
                             max_rows=args.max_rows, seed=args.seed, device=args.device, progress=not args.quiet)
